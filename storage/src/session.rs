@@ -1,0 +1,391 @@
+//! Client sessions: exactly-once application of retried writes (Raft thesis, section 6.3).
+//!
+//! A client numbers its writes (`sequence`, from 1) under a random `client_id` and tells the
+//! server, with every write, through which number it has received all outcomes
+//! (`acked_through`). A retry reuses the number. For each client the state machine keeps the
+//! responses of applied writes that the client has not acknowledged yet; a retry of one of them
+//! gets the cached response and is **not** applied again, so a retried compare-and-swap reports
+//! its original success instead of a failure caused by its own first attempt.
+//!
+//! Invariants, all deterministic functions of the log so that every replica holds the same
+//! sessions (the table is replicated state and is included in snapshots):
+//!
+//! * a cached response is dropped once its sequence is `<= acked_through`; a request numbered
+//!   `<= acked_through` gets `SessionExpired`, because its outcome was forgotten and applying it
+//!   again could apply it twice;
+//! * at most [`MAX_CACHED_RESPONSES`] responses per client: beyond that the oldest is dropped
+//!   and `acked_through` is raised over it, so a late retry of it is refused, never re-applied;
+//! * at most `max_sessions` sessions per group: beyond that the least recently used (by log
+//!   index, ties by client id) are evicted. A request from an unknown client that claims to have
+//!   acknowledged something (`acked_through > 0`) had a session that was evicted: it gets
+//!   `SessionExpired` rather than a fresh session in which a retry would apply twice. The one
+//!   case this cannot catch is a client evicted before it received any outcome; LRU eviction
+//!   over a cap of many thousands makes that a client idle for an extraordinarily long time.
+//!   `max_sessions` must be the same on every replica of a group.
+//!
+//! Changes made while applying a batch are staged in a [`SessionTxn`] and reach the in-memory
+//! table only after the engine write succeeded, so a failed apply leaves memory and disk agreeing.
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Cf, EngineRead, WriteBatch};
+use crate::error::{Result, StorageError};
+use crate::keys::{decode_session_key, session_key, session_range};
+use crate::record::{decode_record, encode_record};
+use crate::state_machine::WriteResponse;
+
+/// Responses cached per client before the oldest is forgotten.
+pub const MAX_CACHED_RESPONSES: usize = 1024;
+
+/// The session part of a write request.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub client_id: u64,
+    /// This write's number; a retry reuses it.
+    pub sequence: u64,
+    /// The client has received the outcome of every write numbered up to and including this.
+    pub acked_through: u64,
+}
+
+/// What the state machine remembers about one client. Persisted in the meta CF.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ClientSession {
+    pub client_id: u64,
+    pub acked_through: u64,
+    /// Log index of the last request seen from this client: the LRU clock.
+    pub last_used: u64,
+    /// Responses of applied, unacknowledged writes by sequence.
+    pub responses: BTreeMap<u64, WriteResponse>,
+}
+
+impl ClientSession {
+    fn new(client_id: u64) -> Self {
+        ClientSession {
+            client_id,
+            acked_through: 0,
+            last_used: 0,
+            responses: BTreeMap::new(),
+        }
+    }
+
+    /// Forgets responses through `through`.
+    fn ack(&mut self, through: u64) {
+        if through <= self.acked_through {
+            return;
+        }
+        self.acked_through = through;
+        self.responses = match through.checked_add(1) {
+            Some(first_kept) => self.responses.split_off(&first_kept),
+            None => BTreeMap::new(),
+        };
+    }
+
+    pub(crate) fn encode(&self) -> Result<Vec<u8>> {
+        postcard::to_allocvec(self).map_err(|source| StorageError::Codec {
+            context: format!("encoding session of client {}", self.client_id),
+            source,
+        })
+    }
+
+    pub(crate) fn decode(client_id: u64, payload: &[u8]) -> Result<Self> {
+        let session: ClientSession = postcard::from_bytes(payload)
+            .map_err(|e| StorageError::corruption(format!("session of client {client_id} does not decode: {e}")))?;
+        if session.client_id != client_id {
+            return Err(StorageError::corruption(format!(
+                "session stored under client {client_id} names client {}",
+                session.client_id
+            )));
+        }
+        Ok(session)
+    }
+}
+
+/// What to do with a request, decided by its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// New write: apply it and record its response.
+    Apply,
+    /// Already applied: answer with the cached response.
+    Cached(WriteResponse),
+    /// Outcome forgotten: answer `SessionExpired`.
+    Expired,
+}
+
+/// The sessions of one group.
+pub(crate) struct SessionTable {
+    sessions: HashMap<u64, ClientSession>,
+    /// `(last_used, client_id)` of every session: eviction order.
+    lru: BTreeSet<(u64, u64)>,
+    max_sessions: usize,
+}
+
+impl SessionTable {
+    pub fn new(max_sessions: usize) -> Self {
+        SessionTable {
+            sessions: HashMap::new(),
+            lru: BTreeSet::new(),
+            max_sessions,
+        }
+    }
+
+    /// Loads every session of `group` from `view`, verifying each record.
+    pub fn load(view: &dyn EngineRead, group: u64, max_sessions: usize) -> Result<Self> {
+        let mut table = SessionTable::new(max_sessions);
+        let (start, end) = session_range(group);
+        for item in view.scan(Cf::Meta, &start, Some(&end))? {
+            let (key, value) = item?;
+            let client_id = decode_session_key(group, &key)?;
+            let payload = decode_record(Cf::Meta, &key, &value)?;
+            table.insert(ClientSession::decode(client_id, payload)?);
+        }
+        Ok(table)
+    }
+
+    fn insert(&mut self, session: ClientSession) {
+        if let Some(old) = self.sessions.get(&session.client_id) {
+            self.lru.remove(&(old.last_used, old.client_id));
+        }
+        self.lru.insert((session.last_used, session.client_id));
+        self.sessions.insert(session.client_id, session);
+    }
+
+    fn remove(&mut self, client_id: u64) {
+        if let Some(old) = self.sessions.remove(&client_id) {
+            self.lru.remove(&(old.last_used, client_id));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn get(&self, client_id: u64) -> Option<&ClientSession> {
+        self.sessions.get(&client_id)
+    }
+
+    /// Starts staging the session changes of one apply batch.
+    pub fn begin(&self) -> SessionTxn<'_> {
+        SessionTxn {
+            table: self,
+            staged: BTreeMap::new(),
+        }
+    }
+
+    /// Makes staged changes visible; call only after their batch was written.
+    pub fn commit(&mut self, changes: SessionChanges) {
+        for client_id in changes.evicted {
+            self.remove(client_id);
+        }
+        for (_, session) in changes.staged {
+            self.insert(session);
+        }
+    }
+}
+
+/// Session changes of one apply batch, not yet visible in the table.
+pub(crate) struct SessionTxn<'a> {
+    table: &'a SessionTable,
+    staged: BTreeMap<u64, ClientSession>,
+}
+
+/// The outcome of [`SessionTxn::finish`], to hand to [`SessionTable::commit`].
+pub(crate) struct SessionChanges {
+    staged: BTreeMap<u64, ClientSession>,
+    evicted: Vec<u64>,
+}
+
+impl SessionTxn<'_> {
+    /// Decides what to do with a request of `session` found at log `index`.
+    pub fn admit(&mut self, session: &Session, index: u64) -> Admission {
+        let client_id = session.client_id;
+        let state = match self.staged.entry(client_id) {
+            Entry::Occupied(staged) => staged.into_mut(),
+            Entry::Vacant(slot) => {
+                let state = match self.table.get(client_id) {
+                    Some(known) => known.clone(),
+                    // An unknown client that has received outcomes before had its session
+                    // evicted; starting afresh could apply one of its retries twice.
+                    None if session.acked_through > 0 => return Admission::Expired,
+                    None => ClientSession::new(client_id),
+                };
+                slot.insert(state)
+            }
+        };
+        state.last_used = index;
+        state.ack(session.acked_through);
+        if session.sequence <= state.acked_through {
+            return Admission::Expired;
+        }
+        match state.responses.get(&session.sequence) {
+            Some(response) => Admission::Cached(response.clone()),
+            None => Admission::Apply,
+        }
+    }
+
+    /// Caches the response of an applied request (which was admitted with [`Admission::Apply`]).
+    pub fn record(&mut self, session: &Session, response: WriteResponse) {
+        let state = self
+            .staged
+            .entry(session.client_id)
+            .or_insert_with(|| ClientSession::new(session.client_id));
+        state.responses.insert(session.sequence, response);
+        if state.responses.len() > MAX_CACHED_RESPONSES {
+            if let Some((&oldest, _)) = state.responses.first_key_value() {
+                state.ack(oldest);
+            }
+        }
+    }
+
+    /// Evicts beyond the cap and adds the session puts and deletes to `batch`.
+    pub fn finish(self, group: u64, batch: &mut WriteBatch) -> Result<SessionChanges> {
+        let SessionTxn { table, mut staged } = self;
+        let new = staged.keys().filter(|id| table.get(**id).is_none()).count();
+        let excess = (table.len() + new).saturating_sub(table.max_sessions);
+
+        let mut evicted = Vec::new();
+        if excess > 0 {
+            // The `excess` least recently used of (unchanged table sessions ∪ staged ones):
+            // the first `excess` unchanged ones in LRU order plus every staged one contain them.
+            let mut candidates: Vec<(u64, u64)> = table
+                .lru
+                .iter()
+                .filter(|(_, id)| !staged.contains_key(id))
+                .take(excess)
+                .copied()
+                .collect();
+            candidates.extend(staged.values().map(|s| (s.last_used, s.client_id)));
+            candidates.sort_unstable();
+            for &(_, client_id) in candidates.iter().take(excess) {
+                staged.remove(&client_id);
+                batch.delete(Cf::Meta, session_key(group, client_id));
+                evicted.push(client_id);
+            }
+        }
+        for session in staged.values() {
+            let key = session_key(group, session.client_id);
+            let record = encode_record(&key, &session.encode()?);
+            batch.put(Cf::Meta, key, record);
+        }
+        Ok(SessionChanges { staged, evicted })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(client_id: u64, sequence: u64, acked_through: u64) -> Session {
+        Session {
+            client_id,
+            sequence,
+            acked_through,
+        }
+    }
+
+    fn put() -> WriteResponse {
+        WriteResponse::Put
+    }
+
+    /// Runs one request through admit/record/finish/commit like the state machine does.
+    fn step(table: &mut SessionTable, session: Session, index: u64) -> Admission {
+        let mut txn = table.begin();
+        let admission = txn.admit(&session, index);
+        if admission == Admission::Apply {
+            txn.record(&session, put());
+        }
+        let changes = txn.finish(1, &mut WriteBatch::new()).unwrap();
+        table.commit(changes);
+        admission
+    }
+
+    #[test]
+    fn retry_gets_cached_response_until_acked() {
+        let mut t = SessionTable::new(10);
+        assert_eq!(step(&mut t, s(5, 1, 0), 1), Admission::Apply);
+        assert_eq!(step(&mut t, s(5, 1, 0), 2), Admission::Cached(put()));
+        assert_eq!(step(&mut t, s(5, 2, 1), 3), Admission::Apply);
+        assert!(
+            t.get(5).unwrap().responses.keys().eq([2].iter()),
+            "response 1 pruned once acked"
+        );
+        assert_eq!(step(&mut t, s(5, 1, 1), 4), Admission::Expired);
+    }
+
+    #[test]
+    fn out_of_order_sequences_apply_once_each() {
+        let mut t = SessionTable::new(10);
+        assert_eq!(step(&mut t, s(5, 3, 0), 1), Admission::Apply);
+        assert_eq!(step(&mut t, s(5, 2, 0), 2), Admission::Apply);
+        assert_eq!(step(&mut t, s(5, 3, 0), 3), Admission::Cached(put()));
+    }
+
+    #[test]
+    fn evicts_least_recently_used_then_lowest_client_id() {
+        let mut t = SessionTable::new(2);
+        step(&mut t, s(30, 1, 0), 1);
+        step(&mut t, s(20, 1, 0), 2);
+        step(&mut t, s(30, 2, 0), 3); // 30 is now more recent than 20
+        step(&mut t, s(10, 1, 0), 4);
+        assert!(t.get(20).is_none(), "least recently used evicted");
+        assert!(t.get(30).is_some() && t.get(10).is_some());
+
+        // Ties (same log index, possible within one batch) break by client id.
+        let mut t = SessionTable::new(1);
+        let mut txn = t.begin();
+        for id in [9, 4] {
+            assert_eq!(txn.admit(&s(id, 1, 0), 7), Admission::Apply);
+            txn.record(&s(id, 1, 0), put());
+        }
+        let mut batch = WriteBatch::new();
+        let changes = txn.finish(1, &mut batch).unwrap();
+        t.commit(changes);
+        assert!(t.get(4).is_none() && t.get(9).is_some());
+        assert_eq!(t.len(), 1);
+        assert!(batch
+            .ops()
+            .iter()
+            .any(|op| matches!(op, crate::engine::WriteOp::Delete { .. })));
+    }
+
+    #[test]
+    fn evicted_client_that_acked_something_is_expired() {
+        let mut t = SessionTable::new(1);
+        step(&mut t, s(1, 1, 0), 1);
+        step(&mut t, s(2, 1, 0), 2); // evicts client 1
+        assert!(t.get(1).is_none());
+        assert_eq!(step(&mut t, s(1, 2, 1), 3), Admission::Expired);
+        assert!(t.get(1).is_none(), "an expired request does not resurrect the session");
+    }
+
+    #[test]
+    fn response_cache_is_bounded_and_forgets_safely() {
+        let mut t = SessionTable::new(10);
+        let total = MAX_CACHED_RESPONSES as u64 + 5;
+        for seq in 1..=total {
+            assert_eq!(step(&mut t, s(1, seq, 0), seq), Admission::Apply);
+        }
+        let state = t.get(1).unwrap();
+        assert_eq!(state.responses.len(), MAX_CACHED_RESPONSES);
+        assert_eq!(state.acked_through, 5);
+        assert_eq!(
+            step(&mut t, s(1, 3, 0), total + 1),
+            Admission::Expired,
+            "forgotten, never re-applied"
+        );
+    }
+
+    #[test]
+    fn uncommitted_changes_are_invisible() {
+        let mut t = SessionTable::new(10);
+        step(&mut t, s(1, 1, 0), 1);
+        let mut txn = t.begin();
+        txn.admit(&s(1, 2, 1), 2);
+        txn.record(&s(1, 2, 1), put());
+        drop(txn);
+        let state = t.get(1).unwrap();
+        assert_eq!((state.acked_through, state.last_used), (0, 1));
+    }
+}
