@@ -1,0 +1,316 @@
+//! `basaltctl`'s command line, declared with clap's derive API.
+//!
+//! Invariant: everything that can be checked without a server is checked here, at parse time
+//! (endpoint syntax, durations, `--prefix` against START/END, exactly one of `--expect` and
+//! `--expect-absent`), so that such mistakes exit with the usage status (2) before any
+//! connection is attempted and never look like server failures (3).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cli::duration::parse_duration;
+use crate::endpoint::parse_endpoint_list;
+
+const EXIT_CODES_HELP: &str = "\
+Exit status:
+  0  success
+  1  comparison failed (cas) or key not found (get, del)
+  2  usage error (bad arguments, or a request the server rejected as invalid)
+  3  server or connection error";
+
+/// basaltctl: command-line client for Basalt clusters.
+#[derive(Parser, Debug, Clone, PartialEq)]
+#[command(name = "basaltctl", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// Comma-separated cluster endpoints (host:port); the leader is found from any of them.
+    #[arg(
+        long,
+        global = true,
+        env = "BASALT_ENDPOINTS",
+        default_value = "127.0.0.1:7379",
+        value_parser = parse_endpoints,
+        value_name = "A,B,C"
+    )]
+    pub endpoints: EndpointList,
+
+    /// Overall time limit for the command, retries included (e.g. 10s, 500ms, 2m).
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Print keys and values as lowercase hex instead of (lossy) UTF-8.
+    #[arg(long, global = true)]
+    pub hex: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The parsed `--endpoints` list (a newtype so clap treats it as one value, not a repeated flag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointList(pub Vec<String>);
+
+fn parse_endpoints(raw: &str) -> Result<EndpointList, String> {
+    parse_endpoint_list(raw).map(EndpointList).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Write VALUE under KEY (prints "OK").
+    Put { key: String, value: String },
+    /// Print the value under KEY (exit 1 if the key does not exist).
+    Get { key: String },
+    /// Delete KEY; prints "deleted", or "not found" and exits 1.
+    Del { key: String },
+    /// Print `key<TAB>value` lines for keys in [START, END), or under --prefix.
+    Scan(ScanArgs),
+    /// Write NEW_VALUE only if KEY holds --expect's value (or, with --expect-absent, no value).
+    ///
+    /// Prints "swapped"; otherwise prints "not swapped: current value is X" or "not swapped: key
+    /// is absent" and exits 1.
+    Cas(CasArgs),
+    /// Cluster-wide information.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Membership changes.
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
+    /// Leadership changes.
+    Leader {
+        #[command(subcommand)]
+        command: LeaderCommand,
+    },
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct ScanArgs {
+    /// Inclusive first key (default: the first key).
+    pub start: Option<String>,
+    /// Exclusive end key (default: no end).
+    pub end: Option<String>,
+    /// Scan exactly the keys starting with this prefix.
+    #[arg(long, conflicts_with_all = ["start", "end"])]
+    pub prefix: Option<String>,
+    /// Print at most N pairs (default: all).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: Option<u32>,
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct CasArgs {
+    pub key: String,
+    /// The value to write if the comparison holds.
+    pub new_value: String,
+    /// Swap only if KEY currently holds exactly this value.
+    #[arg(long, value_name = "VALUE", required_unless_present = "expect_absent")]
+    pub expect: Option<String>,
+    /// Swap only if KEY does not exist.
+    #[arg(long, conflicts_with = "expect")]
+    pub expect_absent: bool,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum ClusterCommand {
+    /// Every member's role, term and applied index.
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum MemberCommand {
+    /// Add node ID, reachable at ADDR (host:port); it joins as a learner, then votes.
+    Add {
+        id: u64,
+        #[arg(value_name = "ADDR")]
+        addr: String,
+    },
+    /// Remove node ID.
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum LeaderCommand {
+    /// Hand leadership to node ID.
+    Transfer { id: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("basaltctl").chain(args.iter().copied()))
+    }
+
+    fn ok(args: &[&str]) -> Cli {
+        parse(args).unwrap_or_else(|e| panic!("{args:?} should parse: {e}"))
+    }
+
+    fn err_kind(args: &[&str]) -> ErrorKind {
+        match parse(args) {
+            Ok(cli) => panic!("{args:?} should fail, parsed {cli:?}"),
+            Err(e) => e.kind(),
+        }
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_defaults() {
+        // Only meaningful when the environment does not override the default.
+        if std::env::var_os("BASALT_ENDPOINTS").is_some() {
+            return;
+        }
+        let cli = ok(&["get", "k"]);
+        assert_eq!(cli.endpoints, EndpointList(vec!["127.0.0.1:7379".into()]));
+        assert_eq!(cli.timeout, Duration::from_secs(10));
+        assert!(!cli.hex);
+        assert_eq!(cli.command, Command::Get { key: "k".into() });
+    }
+
+    #[test]
+    fn globals_anywhere() {
+        let cli = ok(&["put", "k", "v", "--endpoints", "a:1,b:2", "--timeout", "500ms", "--hex"]);
+        assert_eq!(cli.endpoints, EndpointList(vec!["a:1".into(), "b:2".into()]));
+        assert_eq!(cli.timeout, Duration::from_millis(500));
+        assert!(cli.hex);
+        assert_eq!(
+            cli.command,
+            Command::Put {
+                key: "k".into(),
+                value: "v".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_globals_are_usage_errors() {
+        assert_eq!(
+            err_kind(&["--endpoints", "nope", "get", "k"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(err_kind(&["--timeout", "soon", "get", "k"]), ErrorKind::ValueValidation);
+        // No arguments at all shows the help (exit 2); arguments without a command are an error.
+        assert_eq!(err_kind(&[]), ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand);
+        assert_eq!(err_kind(&["--hex"]), ErrorKind::MissingSubcommand);
+    }
+
+    #[test]
+    fn scan_forms() {
+        let scan = |args: &[&str]| match ok(args).command {
+            Command::Scan(s) => s,
+            other => panic!("not a scan: {other:?}"),
+        };
+        assert_eq!(
+            scan(&["scan"]),
+            ScanArgs {
+                start: None,
+                end: None,
+                prefix: None,
+                limit: None
+            }
+        );
+        let s = scan(&["scan", "a", "m", "--limit", "5"]);
+        assert_eq!(
+            (s.start.as_deref(), s.end.as_deref(), s.limit),
+            (Some("a"), Some("m"), Some(5))
+        );
+        let s = scan(&["scan", "--prefix", "user/"]);
+        assert_eq!(s.prefix.as_deref(), Some("user/"));
+        assert_eq!(err_kind(&["scan", "a", "--prefix", "p"]), ErrorKind::ArgumentConflict);
+        assert_eq!(err_kind(&["scan", "--limit", "0"]), ErrorKind::ValueValidation);
+        assert_eq!(err_kind(&["scan", "a", "b", "c"]), ErrorKind::UnknownArgument);
+    }
+
+    #[test]
+    fn cas_forms() {
+        let cas = |args: &[&str]| match ok(args).command {
+            Command::Cas(c) => c,
+            other => panic!("not a cas: {other:?}"),
+        };
+        assert_eq!(
+            cas(&["cas", "k", "--expect", "old", "new"]),
+            CasArgs {
+                key: "k".into(),
+                new_value: "new".into(),
+                expect: Some("old".into()),
+                expect_absent: false
+            }
+        );
+        let c = cas(&["cas", "k", "--expect-absent", "new"]);
+        assert!(c.expect_absent && c.expect.is_none());
+        assert_eq!(err_kind(&["cas", "k", "new"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(
+            err_kind(&["cas", "k", "--expect", "a", "--expect-absent", "new"]),
+            ErrorKind::ArgumentConflict
+        );
+    }
+
+    #[test]
+    fn admin_forms() {
+        assert_eq!(
+            ok(&["cluster", "status"]).command,
+            Command::Cluster {
+                command: ClusterCommand::Status {
+                    output: OutputFormat::Table
+                }
+            }
+        );
+        assert_eq!(
+            ok(&["cluster", "status", "-o", "json"]).command,
+            Command::Cluster {
+                command: ClusterCommand::Status {
+                    output: OutputFormat::Json
+                }
+            }
+        );
+        assert_eq!(
+            ok(&["member", "add", "4", "10.0.0.4:7379"]).command,
+            Command::Member {
+                command: MemberCommand::Add {
+                    id: 4,
+                    addr: "10.0.0.4:7379".into()
+                }
+            }
+        );
+        assert_eq!(
+            ok(&["member", "remove", "4"]).command,
+            Command::Member {
+                command: MemberCommand::Remove { id: 4 }
+            }
+        );
+        assert_eq!(
+            ok(&["leader", "transfer", "2"]).command,
+            Command::Leader {
+                command: LeaderCommand::Transfer { id: 2 }
+            }
+        );
+        assert_eq!(err_kind(&["member", "remove", "x"]), ErrorKind::ValueValidation);
+        assert_eq!(err_kind(&["cluster", "status", "-o", "yaml"]), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn help_documents_exit_codes() {
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("Exit status:"), "{help}");
+        assert!(help.contains("3  server or connection error"), "{help}");
+    }
+}

@@ -1,0 +1,44 @@
+//! Basalt's Rust client library, and the implementation of the `basaltctl` command-line tool.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), basalt_client::ClientError> {
+//! use basalt_client::{Client, ClientConfig, Expect};
+//!
+//! let client = Client::connect(ClientConfig::new(["127.0.0.1:7379"])).await?;
+//! client.put("greeting", "hello").await?;
+//! assert_eq!(client.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
+//! let cas = client
+//!     .compare_and_swap("greeting", Expect::Value("hello".into()), "bye")
+//!     .await?;
+//! assert!(cas.succeeded);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The guarantees the library gives, and where each is kept:
+//! - **Leader discovery** (`router`): the client follows `NotLeader` hints at once, remembers the
+//!   endpoint that last worked, and otherwise rotates through the endpoints it knows.
+//! - **Bounded retries** (`retry`, `backoff`): transient failures are retried with jittered
+//!   exponential backoff until the call's deadline, then reported as
+//!   [`ClientError::DeadlineExceeded`]; definite errors are reported at once (`error`).
+//! - **Exactly-once writes** (`session`): each write carries `(client_id, sequence)`, the same on
+//!   every retry, so the server applies it at most once.
+//!
+//! The [`cli`] module is `basaltctl`; it lives in the library so its parsing and formatting are
+//! unit-tested like the rest.
+
+mod backoff;
+pub mod cli;
+mod client;
+mod config;
+mod endpoint;
+mod error;
+mod retry;
+mod router;
+mod session;
+
+pub use basalt_proto::v1::{ClusterStatusResponse, Member, Role};
+pub use client::{CasOutcome, Client, Expect, ScanPage};
+pub use config::ClientConfig;
+pub use endpoint::{parse_endpoint_list, EndpointAddr};
+pub use error::ClientError;

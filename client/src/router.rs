@@ -1,0 +1,319 @@
+//! Leader discovery: which endpoint the next attempt goes to.
+//!
+//! The router owns one lazily connected tonic [`Channel`] per known endpoint (the seeds, plus every
+//! leader address learned from a `NotLeader` hint) and a small routing cache: the endpoint that
+//! last worked or that a hint named ("preferred"), the leader id last heard of, and a rotation
+//! cursor used when nothing is preferred.
+//!
+//! Invariants:
+//! - Endpoints are only ever appended, so an index handed out in a [`Target`] stays valid for
+//!   the reports that come back about it, however many tasks share the router. Endpoints are
+//!   deduplicated on their canonical form, and a misbehaving server cannot make the list grow
+//!   past [`MAX_ENDPOINTS`].
+//! - `preferred` is only set by evidence: a successful response from that endpoint, or a
+//!   `NotLeader` hint naming it. A successful response that names a different leader does not
+//!   redirect the client: the endpoint it came from works (it forwarded the request), whereas the
+//!   leader's advertised address might not be reachable from here, and chasing it would cost an
+//!   attempt timeout on every call.
+//! - A failure at the preferred endpoint clears the preference and moves the cursor past the
+//!   failed endpoint, so consecutive failures walk through every endpoint in turn.
+
+use std::time::Duration;
+
+use basalt_proto::v1::ResponseHeader;
+use parking_lot::RwLock;
+use tonic::transport::Channel;
+
+use crate::endpoint::EndpointAddr;
+
+/// Upper bound on known endpoints; hints naming further new addresses are ignored.
+pub(crate) const MAX_ENDPOINTS: usize = 256;
+
+/// Where one attempt goes.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    pub(crate) index: usize,
+    pub(crate) addr: String,
+    pub(crate) channel: Channel,
+}
+
+#[derive(Debug)]
+struct Slot {
+    addr: EndpointAddr,
+    channel: Channel,
+    /// The node id this endpoint reported (response header) or a hint attributed to it.
+    node_id: Option<u64>,
+}
+
+#[derive(Debug)]
+struct RouterState {
+    /// Never empty: `Router::new` takes at least one seed and nothing removes slots.
+    slots: Vec<Slot>,
+    preferred: Option<usize>,
+    leader_id: Option<u64>,
+    cursor: usize,
+}
+
+/// The routing cache shared by every clone of a client.
+#[derive(Debug)]
+pub(crate) struct Router {
+    attempt_timeout: Duration,
+    state: RwLock<RouterState>,
+}
+
+impl Router {
+    /// Builds channels for the seeds. `seeds` must be non-empty (guaranteed by
+    /// `ClientConfig::validate`), and this must run inside a tokio runtime because a lazy channel
+    /// spawns its worker task.
+    pub(crate) fn new(seeds: Vec<EndpointAddr>, attempt_timeout: Duration) -> Self {
+        debug_assert!(!seeds.is_empty(), "validated configs have endpoints");
+        let slots = seeds
+            .into_iter()
+            .map(|addr| Slot {
+                channel: lazy_channel(&addr, attempt_timeout),
+                addr,
+                node_id: None,
+            })
+            .collect();
+        Self {
+            attempt_timeout,
+            state: RwLock::new(RouterState {
+                slots,
+                preferred: None,
+                leader_id: None,
+                cursor: 0,
+            }),
+        }
+    }
+
+    /// The endpoint for the next attempt: the preferred one, else the next in rotation.
+    pub(crate) fn target(&self) -> Target {
+        let state = self.state.read();
+        let index = state.preferred.unwrap_or(state.cursor % state.slots.len());
+        let slot = &state.slots[index];
+        Target {
+            index,
+            addr: slot.addr.as_str().to_owned(),
+            channel: slot.channel.clone(),
+        }
+    }
+
+    /// The leader's node id, as last heard from a response header or a `NotLeader` hint.
+    pub(crate) fn leader_id(&self) -> Option<u64> {
+        self.state.read().leader_id
+    }
+
+    /// Every known endpoint, seeds first, then learned ones in the order they were learned.
+    pub(crate) fn endpoints(&self) -> Vec<String> {
+        let state = self.state.read();
+        state.slots.iter().map(|s| s.addr.as_str().to_owned()).collect()
+    }
+
+    /// The endpoint at `index` answered successfully.
+    pub(crate) fn on_success(&self, index: usize, header: Option<&ResponseHeader>) {
+        let mut state = self.state.write();
+        state.preferred = Some(index);
+        let Some(header) = header else { return };
+        if header.node_id != 0 {
+            state.attribute(index, header.node_id);
+        }
+        if header.leader_id != 0 {
+            state.leader_id = Some(header.leader_id);
+        }
+    }
+
+    /// The attempt at `index` failed without telling us where the leader is.
+    pub(crate) fn on_failure(&self, index: usize) {
+        self.state.write().rotate_past(index);
+    }
+
+    /// The endpoint at `index` said it is not the leader. Returns the endpoint the hint points
+    /// to when it is usable and different from `index`; otherwise the failure is treated like any
+    /// other and `None` is returned.
+    pub(crate) fn on_not_leader(&self, index: usize, leader_id: u64, leader_addr: &str) -> Option<usize> {
+        let mut state = self.state.write();
+        if leader_id == 0 {
+            // An election is under way; whoever we thought led may not any more.
+            state.leader_id = None;
+            state.rotate_past(index);
+            return None;
+        }
+        state.leader_id = Some(leader_id);
+        // An empty or malformed address fails to parse; the id may still name a known endpoint.
+        let hinted = EndpointAddr::parse(leader_addr)
+            .ok()
+            .and_then(|addr| state.find_or_add(addr, self.attempt_timeout))
+            .or_else(|| state.slot_of_node(leader_id));
+        match hinted {
+            Some(target) if target != index => {
+                state.attribute(target, leader_id);
+                state.preferred = Some(target);
+                Some(target)
+            }
+            _ => {
+                state.rotate_past(index);
+                None
+            }
+        }
+    }
+}
+
+impl RouterState {
+    fn rotate_past(&mut self, index: usize) {
+        if self.preferred == Some(index) {
+            self.preferred = None;
+        }
+        self.cursor = (index + 1) % self.slots.len();
+    }
+
+    /// Records that `index` is node `node_id`, and that no other endpoint is (a node that moved
+    /// address must not be found under its old one).
+    fn attribute(&mut self, index: usize, node_id: u64) {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if i == index {
+                slot.node_id = Some(node_id);
+            } else if slot.node_id == Some(node_id) {
+                slot.node_id = None;
+            }
+        }
+    }
+
+    fn slot_of_node(&self, node_id: u64) -> Option<usize> {
+        self.slots.iter().position(|s| s.node_id == Some(node_id))
+    }
+
+    fn find_or_add(&mut self, addr: EndpointAddr, attempt_timeout: Duration) -> Option<usize> {
+        if let Some(i) = self.slots.iter().position(|s| s.addr == addr) {
+            return Some(i);
+        }
+        if self.slots.len() >= MAX_ENDPOINTS {
+            tracing::warn!(%addr, "ignoring leader hint: endpoint limit reached");
+            return None;
+        }
+        tracing::debug!(%addr, "learned endpoint from leader hint");
+        self.slots.push(Slot {
+            channel: lazy_channel(&addr, attempt_timeout),
+            addr,
+            node_id: None,
+        });
+        Some(self.slots.len() - 1)
+    }
+}
+
+fn lazy_channel(addr: &EndpointAddr, attempt_timeout: Duration) -> Channel {
+    addr.endpoint()
+        .clone()
+        .connect_timeout(attempt_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(addrs: &[&str]) -> Router {
+        let seeds = addrs
+            .iter()
+            .map(|a| EndpointAddr::parse(a).expect("test addresses are valid"))
+            .collect();
+        Router::new(seeds, Duration::from_millis(100))
+    }
+
+    fn header(node_id: u64, leader_id: u64) -> ResponseHeader {
+        ResponseHeader {
+            node_id,
+            leader_id,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_rotate_through_every_endpoint() {
+        let r = router(&["a:1", "b:2", "c:3"]);
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let t = r.target();
+            seen.push(t.addr.clone());
+            r.on_failure(t.index);
+        }
+        assert_eq!(seen, ["a:1", "b:2", "c:3", "a:1"]);
+    }
+
+    #[tokio::test]
+    async fn success_sticks_and_records_the_leader() {
+        let r = router(&["a:1", "b:2"]);
+        r.on_failure(0);
+        let t = r.target();
+        assert_eq!(t.addr, "b:2");
+        r.on_success(t.index, Some(&header(2, 2)));
+        assert_eq!(r.leader_id(), Some(2));
+        assert_eq!(r.target().addr, "b:2");
+        assert_eq!(r.target().addr, "b:2");
+    }
+
+    #[tokio::test]
+    async fn success_from_a_forwarding_follower_does_not_redirect() {
+        let r = router(&["a:1", "b:2"]);
+        r.on_success(0, Some(&header(1, 2)));
+        assert_eq!(r.leader_id(), Some(2));
+        assert_eq!(r.target().addr, "a:1");
+    }
+
+    #[tokio::test]
+    async fn not_leader_hint_adds_and_prefers_the_leader() {
+        let r = router(&["a:1"]);
+        assert_eq!(r.on_not_leader(0, 7, "http://z:9"), Some(1));
+        assert_eq!(r.leader_id(), Some(7));
+        assert_eq!(r.target().addr, "z:9");
+        assert_eq!(r.endpoints(), ["a:1", "z:9"]);
+        // The same hint again does not add a second channel.
+        r.on_failure(1);
+        assert_eq!(r.on_not_leader(0, 7, "z:9"), Some(1));
+        assert_eq!(r.endpoints().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn hint_without_address_uses_a_known_node_id() {
+        let r = router(&["a:1", "b:2"]);
+        r.on_success(1, Some(&header(2, 2)));
+        assert_eq!(r.on_not_leader(0, 2, ""), Some(1));
+        assert_eq!(r.target().addr, "b:2");
+        // Unknown id and no address: nothing to follow, rotate instead.
+        assert_eq!(r.on_not_leader(1, 9, ""), None);
+        assert_eq!(r.target().addr, "a:1");
+    }
+
+    #[tokio::test]
+    async fn hints_that_cannot_help_rotate() {
+        let r = router(&["a:1", "b:2"]);
+        // Election: no leader.
+        r.on_success(0, Some(&header(1, 1)));
+        assert_eq!(r.on_not_leader(0, 0, ""), None);
+        assert_eq!(r.leader_id(), None);
+        assert_eq!(r.target().addr, "b:2");
+        // A hint naming the node that answered it.
+        assert_eq!(r.on_not_leader(1, 3, "b:2"), None);
+        assert_eq!(r.target().addr, "a:1");
+        // A malformed address with an unknown id.
+        assert_eq!(r.on_not_leader(0, 4, "not an address"), None);
+        assert_eq!(r.target().addr, "b:2");
+    }
+
+    #[tokio::test]
+    async fn node_ids_move_with_their_address() {
+        let r = router(&["a:1", "b:2"]);
+        r.on_success(0, Some(&header(5, 5)));
+        r.on_success(1, Some(&header(5, 5)));
+        assert_eq!(r.on_not_leader(0, 5, ""), Some(1));
+    }
+
+    #[tokio::test]
+    async fn endpoint_list_is_capped() {
+        let r = router(&["a:1"]);
+        for port in 1..(MAX_ENDPOINTS as u16 + 10) {
+            r.on_not_leader(0, 1, &format!("h:{port}"));
+        }
+        assert_eq!(r.endpoints().len(), MAX_ENDPOINTS);
+    }
+}
