@@ -1,0 +1,437 @@
+//! The Raft implementation of [`Replication`], on openraft.
+//!
+//! A [`RaftGroup`] is one replica of one group on this node: the openraft instance with its log
+//! store ([`log_store`]), state machine ([`state_machine`]) and network ([`network`]); incoming peer
+//! traffic arrives through [`peer_service`]. Requests are bounded in time: a proposal or read
+//! barrier that cannot finish (no quorum, a partitioned leader) fails after `request_timeout` with
+//! an error that says whether anything may have happened, instead of hanging the caller.
+//!
+//! Bootstrapping is explicit and happens once: [`RaftGroup::initialize`] does nothing on a replica
+//! that already has a vote or log, so restarting a node with its original `--initial-cluster`
+//! resumes rather than re-forming the cluster.
+
+pub mod log_store;
+pub mod network;
+pub mod peer_service;
+pub mod state_machine;
+pub mod types;
+pub mod wire;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_storage::{Engine, GroupCommitWriter, KvStateMachine, RaftLog, WriteRequest, WriteResponse};
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
+use parking_lot::RwLock;
+
+use self::log_store::LogStore;
+use self::network::{Network, PeerClients};
+use self::state_machine::{SnapshotDir, StateMachineStore};
+use self::types::Raft;
+use crate::{
+    BoxFuture, ConsensusMetrics, GroupHealth, GroupStatus, MemberInfo, ReadBarrier, Replication, ReplicationError,
+    Role, StateReader,
+};
+
+/// Settings of one replica. Timing defaults suit a LAN or loopback: elections finish well inside
+/// a second, so a killed leader is replaced within the 3 seconds clients are promised.
+#[derive(Debug, Clone)]
+pub struct RaftGroupConfig {
+    pub node_id: u64,
+    pub group_id: u64,
+    pub keyspace: u32,
+    pub snapshot_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_threshold: u64,
+    /// Entries kept in the log behind a snapshot, so a briefly lagging follower catches up from the
+    /// log rather than with a whole snapshot.
+    pub logs_kept_after_snapshot: u64,
+    /// Upper bound on one proposal, read barrier or membership step.
+    pub request_timeout: Duration,
+}
+
+impl RaftGroupConfig {
+    pub fn new(node_id: u64, group_id: u64, keyspace: u32, snapshot_dir: PathBuf) -> Self {
+        Self {
+            node_id,
+            group_id,
+            keyspace,
+            snapshot_dir,
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(500),
+            election_timeout_max: Duration::from_millis(1000),
+            snapshot_threshold: 10_000,
+            logs_kept_after_snapshot: 1_000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn openraft_config(&self) -> Result<openraft::Config, ReplicationError> {
+        let c = openraft::Config {
+            cluster_name: format!("basalt-group-{}", self.group_id),
+            heartbeat_interval: self.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: self.election_timeout_min.as_millis() as u64,
+            election_timeout_max: self.election_timeout_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_threshold),
+            max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            install_snapshot_timeout: 10_000,
+            max_payload_entries: 512,
+            ..Default::default()
+        };
+        c.validate()
+            .map_err(|e| ReplicationError::Stopped(format!("invalid raft configuration: {e}")))
+    }
+}
+
+pub struct RaftGroup {
+    cfg: RaftGroupConfig,
+    raft: Raft,
+    reader: StateReader,
+    snapshots: SnapshotDir,
+    metrics: ConsensusMetrics,
+    health: Arc<GroupHealth>,
+}
+
+impl RaftGroup {
+    /// Opens (or creates) the replica's storage and starts its Raft instance. The replica takes
+    /// part in elections only once it is a member: a new node waits to be initialized or added.
+    pub async fn open(
+        cfg: RaftGroupConfig,
+        engine: Arc<dyn Engine>,
+        writer: Arc<GroupCommitWriter>,
+        peers: PeerClients,
+        metrics: ConsensusMetrics,
+    ) -> Result<Arc<Self>, ReplicationError> {
+        let health = Arc::new(GroupHealth::default());
+        let sm = KvStateMachine::open(engine.clone(), cfg.group_id, cfg.keyspace).map_err(|e| health_err(&health, e))?;
+        let sm = Arc::new(RwLock::new(sm));
+        let snapshots = SnapshotDir::new(cfg.snapshot_dir.clone())
+            .map_err(|e| ReplicationError::Stopped(format!("snapshot dir {}: {e}", cfg.snapshot_dir.display())))?;
+        let store = StateMachineStore::new(
+            sm.clone(),
+            engine.clone(),
+            cfg.group_id,
+            cfg.keyspace,
+            snapshots.clone(),
+            metrics.clone(),
+            health.clone(),
+        )
+        .map_err(|e| ReplicationError::Stopped(format!("state machine: {e}")))?;
+        let log = LogStore::new(RaftLog::new(engine, writer, cfg.group_id), health.clone());
+        let network = Network::new(cfg.group_id, peers, metrics.clone());
+        let raft = Raft::new(cfg.node_id, Arc::new(cfg.openraft_config()?), network, log, store)
+            .await
+            .map_err(|e| ReplicationError::Stopped(format!("raft failed to start: {e}")))?;
+        Ok(Arc::new(Self {
+            reader: StateReader::new(sm, health.clone()),
+            cfg,
+            raft,
+            snapshots,
+            metrics,
+            health,
+        }))
+    }
+
+    /// Forms a new group with `members` (id → address) if this replica has never been part of one.
+    /// Returns whether it did. Every initial member may call this with the same set.
+    pub async fn initialize(&self, members: &BTreeMap<u64, String>) -> Result<bool, ReplicationError> {
+        let initialized = self.raft.is_initialized().await.map_err(|e| ReplicationError::Stopped(e.to_string()))?;
+        if initialized {
+            return Ok(false);
+        }
+        let nodes: BTreeMap<u64, BasicNode> = members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) => Ok(true),
+            // Another initial member's proposal got here first: the group exists, which is the goal.
+            Err(RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => Ok(false),
+            Err(e) => Err(ReplicationError::Stopped(format!("initialize: {e}"))),
+        }
+    }
+
+    pub(crate) fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub(crate) fn snapshot_dir(&self) -> &SnapshotDir {
+        &self.snapshots
+    }
+
+    pub(crate) fn metrics(&self) -> &ConsensusMetrics {
+        &self.metrics
+    }
+
+    /// Builds a snapshot now (and so allows the log behind it to be purged).
+    pub async fn trigger_snapshot(&self) -> Result<(), ReplicationError> {
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| ReplicationError::Stopped(e.to_string()))
+    }
+
+    fn leader_addr(&self, id: u64) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    fn not_leader(&self, f: &openraft::errors::ForwardToLeader<types::TypeConfig>) -> ReplicationError {
+        ReplicationError::NotLeader {
+            leader_id: f.leader_id,
+            leader_addr: f
+                .leader_node
+                .as_ref()
+                .map(|n| n.addr.clone())
+                .or_else(|| f.leader_id.and_then(|id| self.leader_addr(id))),
+        }
+    }
+
+    fn write_error(&self, e: RaftError<types::TypeConfig, ClientWriteError<types::TypeConfig>>) -> ReplicationError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.not_leader(&f),
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
+                ReplicationError::OutcomeUnknown(format!("leader changed while the write was in flight ({f})"))
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ReplicationError::Membership(e.to_string()),
+            RaftError::APIError(ClientWriteError::PreconditionFailed(e)) => ReplicationError::Membership(e.to_string()),
+            RaftError::Fatal(f) => self.fatal(f),
+        }
+    }
+
+    fn fatal(&self, f: openraft::errors::Fatal<types::TypeConfig>) -> ReplicationError {
+        self.health.stop(format!("raft stopped: {f}"));
+        ReplicationError::Stopped(f.to_string())
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T, ReplicationError>>,
+        on_timeout: impl FnOnce(String) -> ReplicationError,
+    ) -> Result<T, ReplicationError> {
+        self.health.check()?;
+        match tokio::time::timeout(self.cfg.request_timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(on_timeout(format!("{what} did not finish within {:?}", self.cfg.request_timeout))),
+        }
+    }
+
+    fn membership(&self) -> (BTreeSet<u64>, BTreeMap<u64, String>) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let mem = m.membership_config.membership();
+        let voters = mem.voter_ids().collect();
+        let nodes = mem.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+        (voters, nodes)
+    }
+
+    async fn change(&self, change: ChangeMembers<u64, BasicNode>) -> Result<(), ReplicationError> {
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.write_error(e))
+    }
+}
+
+fn health_err(health: &GroupHealth, e: basalt_storage::StorageError) -> ReplicationError {
+    match health.observe::<()>(Err(e)) {
+        Err(e) => e,
+        Ok(()) => unreachable!("observe of an Err is an Err"),
+    }
+}
+
+impl Replication for RaftGroup {
+    fn group_id(&self) -> u64 {
+        self.cfg.group_id
+    }
+
+    fn propose(&self, request: WriteRequest) -> BoxFuture<'_, Result<WriteResponse, ReplicationError>> {
+        Box::pin(self.bounded(
+            "write",
+            async move {
+                self.raft
+                    .client_write(request)
+                    .await
+                    .map(|r| r.data)
+                    .map_err(|e| self.write_error(e))
+            },
+            ReplicationError::OutcomeUnknown,
+        ))
+    }
+
+    fn read_barrier(&self) -> BoxFuture<'_, Result<ReadBarrier, ReplicationError>> {
+        Box::pin(self.bounded(
+            "read barrier",
+            async move {
+                match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                    Ok(_) => Ok(ReadBarrier {
+                        applied_index: self.reader.applied_index(),
+                    }),
+                    Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(self.not_leader(&f)),
+                    Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q))) => {
+                        Err(ReplicationError::QuorumUnavailable(q.to_string()))
+                    }
+                    Err(RaftError::Fatal(f)) => Err(self.fatal(f)),
+                }
+            },
+            ReplicationError::QuorumUnavailable,
+        ))
+    }
+
+    fn reader(&self) -> StateReader {
+        self.reader.clone()
+    }
+
+    fn add_member(&self, id: u64, addr: String) -> BoxFuture<'_, Result<(), ReplicationError>> {
+        Box::pin(async move {
+            self.health.check()?;
+            let (voters, nodes) = self.membership();
+            if voters.contains(&id) {
+                return match nodes.get(&id) {
+                    Some(a) if *a == addr => Ok(()),
+                    Some(a) => Err(ReplicationError::Membership(format!(
+                        "node {id} is already a member at {a}, not {addr}"
+                    ))),
+                    None => Ok(()),
+                };
+            }
+            // Join as a learner first and wait until it has caught up, so adding a voter never
+            // leaves the group waiting on a member that has none of the log.
+            self.raft
+                .add_learner(id, BasicNode::new(&addr), true)
+                .await
+                .map_err(|e| self.write_error(e))?;
+            self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+        })
+    }
+
+    fn remove_member(&self, id: u64) -> BoxFuture<'_, Result<(), ReplicationError>> {
+        Box::pin(self.bounded(
+            "remove member",
+            async move {
+                let (voters, nodes) = self.membership();
+                if !nodes.contains_key(&id) {
+                    return Err(ReplicationError::UnknownMember(id));
+                }
+                if voters.contains(&id) {
+                    if voters.len() == 1 {
+                        return Err(ReplicationError::Membership(format!(
+                            "node {id} is the only voter; removing it would leave no cluster"
+                        )));
+                    }
+                    self.change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
+                }
+                let (_, nodes) = self.membership();
+                if nodes.contains_key(&id) {
+                    self.change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await?;
+                }
+                Ok(())
+            },
+            ReplicationError::OutcomeUnknown,
+        ))
+    }
+
+    fn transfer_leader(&self, to: u64) -> BoxFuture<'_, Result<(), ReplicationError>> {
+        Box::pin(self.bounded(
+            "leader transfer",
+            async move {
+                let (voters, nodes) = self.membership();
+                if !nodes.contains_key(&to) {
+                    return Err(ReplicationError::UnknownMember(to));
+                }
+                if !voters.contains(&to) {
+                    return Err(ReplicationError::Membership(format!("node {to} is not a voting member")));
+                }
+                let status = self.status();
+                if status.leader_id == Some(to) {
+                    return Ok(());
+                }
+                if status.role != Role::Leader {
+                    return Err(ReplicationError::NotLeader {
+                        leader_id: status.leader_id,
+                        leader_addr: status.leader_addr,
+                    });
+                }
+                self.raft
+                    .trigger()
+                    .transfer_leader(to)
+                    .await
+                    .map_err(|f| self.fatal(f))?;
+                let mut rx = self.raft.metrics();
+                loop {
+                    if rx.borrow().current_leader == Some(to) {
+                        return Ok(());
+                    }
+                    if rx.changed().await.is_err() {
+                        return Err(ReplicationError::Stopped("raft shut down".into()));
+                    }
+                }
+            },
+            ReplicationError::QuorumUnavailable,
+        ))
+    }
+
+    fn status(&self) -> GroupStatus {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let mem = m.membership_config.membership();
+        let voters: BTreeSet<u64> = mem.voter_ids().collect();
+        let members = mem
+            .nodes()
+            .map(|(id, n)| MemberInfo {
+                id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        let stopped = match (&m.running_state, self.health.stopped()) {
+            (_, Some(why)) => Some(why.to_string()),
+            (Err(f), None) => Some(f.to_string()),
+            _ => None,
+        };
+        let role = if stopped.is_some() {
+            Role::Stopped
+        } else {
+            match m.state {
+                ServerState::Leader => Role::Leader,
+                ServerState::Follower => Role::Follower,
+                ServerState::Candidate => Role::Candidate,
+                ServerState::Learner => Role::Learner,
+                ServerState::Shutdown => Role::Stopped,
+            }
+        };
+        let leader_addr = m
+            .current_leader
+            .and_then(|id| mem.get_node(&id).map(|n| n.addr.clone()));
+        GroupStatus {
+            group_id: self.cfg.group_id,
+            node_id: self.cfg.node_id,
+            role,
+            term: m.current_term,
+            leader_id: m.current_leader,
+            leader_addr,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: m.committed.map(|l| l.index()).unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index()).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index()).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index()).unwrap_or(0),
+            members,
+            stopped,
+        }
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Err(e) = self.raft.shutdown().await {
+                tracing::warn!(group = self.cfg.group_id, error = %e, "raft shutdown");
+            }
+        })
+    }
+}

@@ -1,0 +1,306 @@
+//! The outgoing half of the peer transport: openraft's network traits over tonic.
+//!
+//! One [`PeerClients`] per node holds one lazily connected HTTP/2 channel per peer address, shared
+//! by every group on the node: each message names its group, so adding groups adds no connections.
+//! Every payload carries a crc32; a reply that fails it is treated as a network error (openraft
+//! retries), never decoded.
+//!
+//! Snapshots travel as a client stream of [`SnapshotChunk`]s read from the snapshot file. The first
+//! chunk carries the metadata and the leader's vote; each chunk carries its offset and a checksum,
+//! so the receiver can reject a corrupt, missing or duplicated chunk.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_proto::v1::raft_peer_client::RaftPeerClient;
+use basalt_proto::v1::{RaftMessage, SnapshotChunk};
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, BasicNode, OptionalSend, RaftNetworkFactory, RaftNetworkV2};
+use parking_lot::Mutex;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, Endpoint};
+
+use super::types::{NodeId, Snapshot, SnapshotFile, TypeConfig, Vote};
+use super::wire;
+use crate::ConsensusMetrics;
+
+/// Size of one snapshot chunk on the wire.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// A reply as it travels back: the remote call's result, errors flattened to text (the remote
+/// error types are not actionable across nodes beyond "it failed").
+pub(crate) type RemoteResult<T> = Result<T, String>;
+
+/// One channel per peer address, shared by all groups on this node.
+#[derive(Clone, Default)]
+pub struct PeerClients {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerClients {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The shared channel to `addr`, created on first use. The server also uses it to forward
+    /// client requests to the leader, so a node pair never needs a second connection.
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock();
+        if let Some(ch) = map.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, tonic::transport::Error> {
+        Ok(RaftPeerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+}
+
+/// Creates per-target network clients for one group.
+#[derive(Clone)]
+pub struct Network {
+    group: u64,
+    peers: PeerClients,
+    metrics: ConsensusMetrics,
+}
+
+impl Network {
+    pub fn new(group: u64, peers: PeerClients, metrics: ConsensusMetrics) -> Self {
+        Self { group, peers, metrics }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerConnection {
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+            peers: self.peers.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+pub struct PeerConnection {
+    group: u64,
+    target: NodeId,
+    addr: String,
+    peers: PeerClients,
+    metrics: ConsensusMetrics,
+}
+
+fn unreachable<E: std::error::Error + 'static>(e: &E) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(e))
+}
+
+fn network_err(msg: impl ToString) -> NetworkError<TypeConfig> {
+    NetworkError::new(&AnyError::error(msg))
+}
+
+impl PeerConnection {
+    fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<TypeConfig>> {
+        self.peers.client(&self.addr).map_err(|e| unreachable(&e))
+    }
+
+    fn message<T: Serialize>(&self, what: &'static str, req: &T) -> Result<RaftMessage, RPCError<TypeConfig>> {
+        let payload = wire::encode(what, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        Ok(RaftMessage {
+            group_id: self.group,
+            crc32: wire::crc(&[&payload]),
+            payload: payload.into(),
+        })
+    }
+
+    fn reply<T: DeserializeOwned>(&self, what: &'static str, reply: RaftMessage) -> Result<T, RPCError<TypeConfig>> {
+        let decoded = wire::verify_crc(what, &[&reply.payload], reply.crc32)
+            .and_then(|()| wire::decode::<RemoteResult<T>>(what, &reply.payload));
+        match decoded {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(remote)) => Err(RPCError::Network(network_err(format!(
+                "node {} refused {what}: {remote}",
+                self.target
+            )))),
+            Err(e) => {
+                self.metrics.corrupt_messages.inc();
+                Err(RPCError::Network(NetworkError::new(&e)))
+            }
+        }
+    }
+
+    fn request<T>(msg: T, option: &RPCOption) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(option.hard_ttl());
+        r
+    }
+
+    fn map_status(&self, s: tonic::Status) -> RPCError<TypeConfig> {
+        match s.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => unreachable(&s),
+            _ => RPCError::Network(NetworkError::new(&s)),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let msg = self.message("append entries", &rpc)?;
+        let reply = self
+            .client()?
+            .append_entries(Self::request(msg, &option))
+            .await
+            .map_err(|s| self.map_status(s))?;
+        self.reply("append entries", reply.into_inner())
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let msg = self.message("vote", &rpc)?;
+        let reply = self
+            .client()?
+            .vote(Self::request(msg, &option))
+            .await
+            .map_err(|s| self.map_status(s))?;
+        self.reply("vote", reply.into_inner())
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let msg = self.message("pre-vote", &rpc)?;
+        let reply = self
+            .client()?
+            .pre_vote(Self::request(msg, &option))
+            .await
+            .map_err(|s| self.map_status(s))?;
+        self.reply("pre-vote", reply.into_inner())
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let msg = self.message("transfer leader", &req)?;
+        let reply = self
+            .client()?
+            .transfer_leader(Self::request(msg, &option))
+            .await
+            .map_err(|s| self.map_status(s))?;
+        self.reply("transfer leader", reply.into_inner())
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let meta = wire::encode("snapshot meta", &(vote, snapshot.meta.clone()))
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
+        let group = self.group;
+        let path = snapshot.snapshot.path.clone();
+        // The reader runs beside the RPC so disk reads overlap with the transfer.
+        let reader = tokio::spawn(async move {
+            let mut file = tokio::fs::File::open(&path).await?;
+            let mut offset = 0u64;
+            let mut meta = Some(meta);
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = file.read(&mut buf[filled..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                let done = filled < SNAPSHOT_CHUNK_BYTES;
+                let m = meta.take().unwrap_or_default();
+                let chunk = SnapshotChunk {
+                    group_id: group,
+                    crc32: wire::crc(&[&m, &buf]),
+                    meta: m.into(),
+                    offset,
+                    data: buf.into(),
+                    done,
+                };
+                offset += filled as u64;
+                if tx.send(chunk).await.is_err() || done {
+                    return Ok::<u64, std::io::Error>(offset);
+                }
+            }
+        });
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.set_timeout(option.hard_ttl().max(Duration::from_secs(60)));
+        let mut client = self
+            .client()
+            .map_err(|e| StreamingError::Network(network_err(e)))?;
+        let call = client.install_snapshot(req);
+        let reply = tokio::select! {
+            closed = cancel => {
+                reader.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+            r = call => r,
+        };
+        let sent = reader.await;
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                self.metrics.snapshot_event("send_failed");
+                return Err(StreamingError::Network(NetworkError::new(&s)));
+            }
+        };
+        match sent {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                self.metrics.snapshot_event("send_failed");
+                return Err(StreamingError::Network(NetworkError::new(&e)));
+            }
+            Err(e) => {
+                self.metrics.snapshot_event("send_failed");
+                return Err(StreamingError::Network(network_err(e)));
+            }
+        }
+        let resp: SnapshotResponse<TypeConfig> = self
+            .reply("install snapshot", reply)
+            .map_err(|e| StreamingError::Network(network_err(e)))?;
+        self.metrics.snapshot_event("sent");
+        Ok(resp)
+    }
+}

@@ -1,0 +1,215 @@
+//! The incoming half of the peer transport: the `RaftPeer` gRPC service.
+//!
+//! One service per node serves every group hosted there; it looks the group up by the id each
+//! message carries. Checks before anything reaches openraft: the payload checksum, the encoding,
+//! and for snapshots the order and checksum of every chunk and then the whole file's own record
+//! checksums. A failed check is answered with an error (the sender retries); it never reaches the
+//! state machine.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use basalt_proto::v1::raft_peer_server::RaftPeer;
+use basalt_proto::v1::{NodeStatusRequest, NodeStatusResponse, RaftMessage, Role as PbRole, SnapshotChunk};
+use futures::StreamExt;
+use parking_lot::RwLock;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::network::RemoteResult;
+use super::types::{Snapshot, SnapshotFile, SnapshotMeta, TypeConfig, Vote};
+use super::wire;
+use super::RaftGroup;
+use crate::{Replication, Role};
+
+/// The groups hosted on this node, by id.
+#[derive(Clone, Default)]
+pub struct GroupRegistry {
+    groups: Arc<RwLock<HashMap<u64, Arc<RaftGroup>>>>,
+}
+
+impl GroupRegistry {
+    pub fn insert(&self, group: Arc<RaftGroup>) {
+        self.groups.write().insert(group.group_id(), group);
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<RaftGroup>> {
+        self.groups.read().get(&id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<RaftGroup>> {
+        self.groups.read().values().cloned().collect()
+    }
+}
+
+pub struct PeerService {
+    registry: GroupRegistry,
+}
+
+impl PeerService {
+    pub fn new(registry: GroupRegistry) -> Self {
+        Self { registry }
+    }
+
+    fn group(&self, id: u64) -> Result<Arc<RaftGroup>, Status> {
+        self.registry
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("group {id} is not hosted on this node")))
+    }
+
+    /// Verifies and decodes a request, looks up its group.
+    fn open<T: DeserializeOwned>(&self, what: &'static str, msg: &RaftMessage) -> Result<(Arc<RaftGroup>, T), Status> {
+        let group = self.group(msg.group_id)?;
+        let decoded = wire::verify_crc(what, &[&msg.payload], msg.crc32)
+            .and_then(|()| wire::decode::<T>(what, &msg.payload));
+        match decoded {
+            Ok(v) => Ok((group, v)),
+            Err(e) => {
+                group.metrics().corrupt_messages.inc();
+                Err(Status::data_loss(e.to_string()))
+            }
+        }
+    }
+
+    fn reply<T: Serialize, E: std::fmt::Display>(group: u64, what: &'static str, r: Result<T, E>) -> Result<Response<RaftMessage>, Status> {
+        let r: RemoteResult<T> = r.map_err(|e| e.to_string());
+        let payload = wire::encode(what, &r).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RaftMessage {
+            group_id: group,
+            crc32: wire::crc(&[&payload]),
+            payload: payload.into(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = req.into_inner();
+        let (g, rpc) = self.open::<openraft::raft::AppendEntriesRequest<TypeConfig>>("append entries", &msg)?;
+        Self::reply(msg.group_id, "append entries reply", g.raft().append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = req.into_inner();
+        let (g, rpc) = self.open::<openraft::raft::VoteRequest<TypeConfig>>("vote", &msg)?;
+        Self::reply(msg.group_id, "vote reply", g.raft().vote(rpc).await)
+    }
+
+    async fn pre_vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = req.into_inner();
+        let (g, rpc) = self.open::<openraft::raft::VoteRequest<TypeConfig>>("pre-vote", &msg)?;
+        Self::reply(msg.group_id, "pre-vote reply", g.raft().pre_vote(rpc).await)
+    }
+
+    async fn transfer_leader(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = req.into_inner();
+        let (g, rpc) = self.open::<openraft::raft::TransferLeaderRequest<TypeConfig>>("transfer leader", &msg)?;
+        let r = g.raft().handle_transfer_leader(rpc).await;
+        Self::reply(msg.group_id, "transfer leader reply", r)
+    }
+
+    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let group = self.group(first.group_id)?;
+        let group_id = first.group_id;
+        let (vote, meta): (Vote, SnapshotMeta) = {
+            wire::verify_crc("snapshot chunk", &[&first.meta, &first.data], first.crc32)
+                .and_then(|()| wire::decode("snapshot meta", &first.meta))
+                .map_err(|e| {
+                    group.metrics().snapshot_event("receive_rejected");
+                    Status::data_loss(e.to_string())
+                })?
+        };
+        let path = group.snapshot_dir().temp_path("incoming");
+        let received = receive_chunks(&path, group_id, first, &mut stream).await;
+        if let Err(st) = received {
+            let _ = tokio::fs::remove_file(&path).await;
+            group.metrics().snapshot_event("receive_rejected");
+            return Err(st);
+        }
+        // Verify the file's own record checksums before openraft sees it: a bad file must cost a
+        // retry, not a replica.
+        let p = path.clone();
+        let verified = tokio::task::spawn_blocking(move || basalt_storage::read_snapshot_info(&p))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if let Err(e) = verified {
+            let _ = tokio::fs::remove_file(&path).await;
+            group.metrics().snapshot_event("receive_rejected");
+            return Err(Status::data_loss(format!("received snapshot is corrupt: {e}")));
+        }
+        group.metrics().snapshot_event("received");
+        let snapshot = Snapshot {
+            meta,
+            snapshot: SnapshotFile { path },
+        };
+        let r = group.raft().install_full_snapshot(vote, snapshot).await;
+        Self::reply(group_id, "install snapshot reply", r)
+    }
+
+    async fn node_status(&self, req: Request<NodeStatusRequest>) -> Result<Response<NodeStatusResponse>, Status> {
+        let g = self.group(req.into_inner().group_id)?;
+        let s = g.status();
+        let role = match s.role {
+            Role::Leader => PbRole::Leader,
+            Role::Follower => PbRole::Follower,
+            Role::Candidate => PbRole::Candidate,
+            Role::Learner => PbRole::Learner,
+            Role::Stopped => PbRole::Unreachable,
+        };
+        Ok(Response::new(NodeStatusResponse {
+            node_id: s.node_id,
+            role: role as i32,
+            term: s.term,
+            applied_index: s.applied_index,
+            commit_index: s.commit_index,
+            leader_id: s.leader_id.unwrap_or(0),
+        }))
+    }
+}
+
+/// Writes the chunks of one transfer to `path`, checking each chunk's checksum and that offsets are
+/// contiguous, and fsyncs the file. The stream must end with a chunk marked `done`.
+async fn receive_chunks(
+    path: &std::path::Path,
+    group_id: u64,
+    first: SnapshotChunk,
+    stream: &mut Streaming<SnapshotChunk>,
+) -> Result<(), Status> {
+    let io = |e: std::io::Error| Status::internal(format!("writing received snapshot: {e}"));
+    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    let mut expected_offset = 0u64;
+    let mut chunk = first;
+    loop {
+        if chunk.group_id != group_id {
+            return Err(Status::invalid_argument("snapshot chunk for another group"));
+        }
+        if chunk.offset != expected_offset {
+            return Err(Status::data_loss(format!(
+                "snapshot chunk at offset {} where {expected_offset} was expected",
+                chunk.offset
+            )));
+        }
+        if expected_offset > 0 {
+            wire::verify_crc("snapshot chunk", &[&chunk.meta, &chunk.data], chunk.crc32)
+                .map_err(|e| Status::data_loss(e.to_string()))?;
+        }
+        file.write_all(&chunk.data).await.map_err(io)?;
+        expected_offset += chunk.data.len() as u64;
+        if chunk.done {
+            break;
+        }
+        chunk = match stream.next().await {
+            Some(c) => c?,
+            None => return Err(Status::data_loss("snapshot stream ended before its last chunk")),
+        };
+    }
+    file.sync_all().await.map_err(io)?;
+    Ok(())
+}

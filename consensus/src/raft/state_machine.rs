@@ -1,0 +1,298 @@
+//! openraft's state machine over `basalt_storage::KvStateMachine`, and snapshots as files.
+//!
+//! Invariants:
+//!
+//! - Applied data and the applied position move together. Each `apply` call hands the whole run of
+//!   entries to `KvStateMachine::apply` as one atomic engine write that also stores the "applied
+//!   meta" blob (last applied log id and membership, encoded here). After a crash the state machine
+//!   is exactly at some applied position, and openraft replays the log from there.
+//! - A snapshot is built from one consistent engine view (data, sessions and applied meta read from
+//!   the same point), so its metadata always describes its contents, even while applies continue.
+//! - Snapshot files are verified end to end before they replace any state (`install_snapshot`),
+//!   and the peer service verifies a received file before it reaches openraft at all.
+//! - Only the newest snapshot file is kept; older ones are removed after a newer one is durable.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use basalt_storage::{ApplyEntry, Engine, KvStateMachine, SnapshotInfo, StorageError};
+use futures::TryStreamExt;
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use parking_lot::RwLock;
+
+use super::types::{LogId, Snapshot, SnapshotFile, SnapshotMeta, StoredMembership, TypeConfig};
+use super::wire;
+use crate::{ConsensusMetrics, GroupHealth};
+
+/// What the state machine stores as its opaque "applied meta": openraft's view of the position.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default)]
+struct AppliedMeta {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+fn decode_applied(blob: Option<&[u8]>) -> io::Result<AppliedMeta> {
+    match blob {
+        Some(b) => wire::decode("applied meta", b).map_err(wire::to_io),
+        None => Ok(AppliedMeta::default()),
+    }
+}
+
+fn io_err(e: StorageError) -> io::Error {
+    io::Error::other(e)
+}
+
+/// Where a group keeps its snapshot files.
+#[derive(Clone, Debug)]
+pub struct SnapshotDir {
+    dir: PathBuf,
+    seq: Arc<AtomicU64>,
+}
+
+impl SnapshotDir {
+    pub fn new(dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        // Leftover temporary files are from transfers or builds a crash interrupted.
+        for e in std::fs::read_dir(&dir)? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "tmp") {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        Ok(Self {
+            dir,
+            seq: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// A fresh path for an incoming or in-progress snapshot.
+    pub fn temp_path(&self, tag: &str) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("{tag}-{}-{n}.tmp", std::process::id()))
+    }
+
+    fn final_path(index: u64, dir: &Path) -> PathBuf {
+        dir.join(format!("snapshot-{index:020}.snap"))
+    }
+
+    /// Makes `tmp` the current snapshot and removes older ones.
+    fn promote(&self, tmp: &Path, index: u64) -> io::Result<PathBuf> {
+        let dest = Self::final_path(index, &self.dir);
+        std::fs::rename(tmp, &dest)?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        for e in std::fs::read_dir(&self.dir)? {
+            let p = e?.path();
+            if p != dest && p.extension().is_some_and(|x| x == "snap") {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        Ok(dest)
+    }
+
+    /// The newest complete snapshot file, if any.
+    fn current(&self) -> io::Result<Option<PathBuf>> {
+        let mut newest: Option<PathBuf> = None;
+        for e in std::fs::read_dir(&self.dir)? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "snap") && newest.as_ref().is_none_or(|n| p > *n) {
+                newest = Some(p);
+            }
+        }
+        Ok(newest)
+    }
+}
+
+fn snapshot_meta(info: &SnapshotInfo) -> io::Result<SnapshotMeta> {
+    let applied = decode_applied(Some(&info.applied_meta))?;
+    let snapshot_id = match &applied.last_applied {
+        Some(l) => format!("{}-{}", l.committed_leader_id(), l.index()),
+        None => "empty".to_string(),
+    };
+    Ok(SnapshotMeta {
+        last_log_id: applied.last_applied,
+        last_membership: applied.membership,
+        snapshot_id,
+    })
+}
+
+pub struct StateMachineStore {
+    sm: Arc<RwLock<KvStateMachine>>,
+    engine: Arc<dyn Engine>,
+    group: u64,
+    keyspace: u32,
+    applied: AppliedMeta,
+    snapshots: SnapshotDir,
+    metrics: ConsensusMetrics,
+    health: Arc<GroupHealth>,
+}
+
+impl StateMachineStore {
+    pub fn new(
+        sm: Arc<RwLock<KvStateMachine>>,
+        engine: Arc<dyn Engine>,
+        group: u64,
+        keyspace: u32,
+        snapshots: SnapshotDir,
+        metrics: ConsensusMetrics,
+        health: Arc<GroupHealth>,
+    ) -> io::Result<Self> {
+        let applied = decode_applied(sm.read().applied_meta())?;
+        Ok(Self {
+            sm,
+            engine,
+            group,
+            keyspace,
+            applied,
+            snapshots,
+            metrics,
+            health,
+        })
+    }
+
+    fn stop_on_corruption(&self, e: StorageError) -> io::Error {
+        if e.is_corruption() {
+            self.health.stop_corrupt(format!("state machine: {e}"));
+        }
+        io_err(e)
+    }
+}
+
+pub struct SnapshotBuilder {
+    engine: Arc<dyn Engine>,
+    group: u64,
+    keyspace: u32,
+    snapshots: SnapshotDir,
+    metrics: ConsensusMetrics,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let engine = self.engine.clone();
+        let (group, keyspace) = (self.group, self.keyspace);
+        let tmp = self.snapshots.temp_path("build");
+        let tmp2 = tmp.clone();
+        let info = tokio::task::spawn_blocking(move || {
+            basalt_storage::build_snapshot(engine.as_ref(), group, keyspace, &tmp2)
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(io_err)?;
+        let meta = snapshot_meta(&info)?;
+        let path = self.snapshots.promote(&tmp, info.applied_index)?;
+        self.metrics.snapshot_event("built");
+        tracing::info!(group, index = info.applied_index, bytes = info.size, "built snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: SnapshotFile { path },
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.applied.last_applied, self.applied.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        // Collect the whole run first so it becomes one atomic engine write.
+        let mut batch = Vec::new();
+        while let Some(item) = entries.try_next().await? {
+            batch.push(item);
+        }
+        let Some((last, _)) = batch.last() else {
+            return Ok(());
+        };
+        let mut next = self.applied.clone();
+        next.last_applied = Some(last.log_id());
+        for (entry, _) in &batch {
+            if let EntryPayload::Membership(m) = &entry.payload {
+                next.membership = StoredMembership::new(Some(entry.log_id()), m.clone());
+            }
+        }
+        let blob = wire::encode("applied meta", &next).map_err(wire::to_io)?;
+        let applied_index = last.index();
+        let apply_entries: Vec<ApplyEntry<'_>> = batch
+            .iter()
+            .map(|(entry, _)| ApplyEntry {
+                index: entry.index(),
+                request: match &entry.payload {
+                    EntryPayload::Normal(req) => Some(req),
+                    _ => None,
+                },
+            })
+            .collect();
+        let responses = {
+            let mut sm = self.sm.write();
+            sm.apply(&apply_entries, applied_index, blob)
+        }
+        .map_err(|e| self.stop_on_corruption(e))?;
+        drop(apply_entries);
+        self.applied = next;
+        for ((_, responder), resp) in batch.into_iter().zip(responses) {
+            if let Some(r) = responder {
+                r.send(resp);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            engine: self.engine.clone(),
+            group: self.group,
+            keyspace: self.keyspace,
+            snapshots: self.snapshots.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+        let sm = self.sm.clone();
+        let path = snapshot.path.clone();
+        let info = tokio::task::spawn_blocking(move || sm.write().install_snapshot(&path))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(|e| self.stop_on_corruption(e))?;
+        self.applied = decode_applied(Some(&info.applied_meta))?;
+        if self.applied.last_applied != meta.last_log_id {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "snapshot file holds {:?} but its metadata says {:?}",
+                    self.applied.last_applied, meta.last_log_id
+                ),
+            ));
+        }
+        self.snapshots.promote(&snapshot.path, info.applied_index)?;
+        self.metrics.snapshot_event("installed");
+        tracing::info!(group = self.group, index = info.applied_index, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let Some(path) = self.snapshots.current()? else {
+            return Ok(None);
+        };
+        let p = path.clone();
+        let info = tokio::task::spawn_blocking(move || basalt_storage::read_snapshot_info(&p))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(io_err)?;
+        Ok(Some(Snapshot {
+            meta: snapshot_meta(&info)?,
+            snapshot: SnapshotFile { path },
+        }))
+    }
+}
