@@ -1,0 +1,293 @@
+//! basaltd's configuration: command-line flags, an optional TOML file, and the defaults.
+//!
+//! Precedence is flag > file > default, resolved once at start into a [`NodeConfig`] that the rest
+//! of the node trusts without re-checking. With no flags at all the node is a single-node cluster
+//! on `127.0.0.1:7379` with data in `./basalt-data`, like `etcd` with no arguments.
+//!
+//! `--initial-cluster` only matters the first time a data directory is used: a node whose data
+//! directory already holds Raft state resumes from it and never bootstraps again.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7379";
+pub const DEFAULT_DATA_DIR: &str = "./basalt-data";
+/// The metrics port defaults to the gRPC port plus this, so several nodes started by hand on one
+/// machine (7401, 7402, …) get distinct metrics ports (8401, 8402, …) without more flags.
+pub const METRICS_PORT_OFFSET: u16 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    ParseFile { path: PathBuf, source: toml::de::Error },
+    #[error("invalid --initial-cluster entry {entry:?}: {reason}")]
+    InitialCluster { entry: String, reason: String },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// Command-line flags. Every setting is optional here so that the file and defaults can fill in.
+#[derive(Debug, Default, Parser)]
+#[command(name = "basaltd", version, about = "Basalt node: a replicated, strongly consistent key-value store")]
+pub struct Flags {
+    /// TOML file with the same settings as the flags (flags win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's id (a positive integer, unique in the cluster).
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// Address for clients and peers (gRPC), host:port.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Directory for this node's data; created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The founding members, `ID=HOST:PORT,...`. Used only when the data directory is new.
+    #[arg(long, value_name = "ID=ADDR,...")]
+    pub initial_cluster: Option<String>,
+    /// Start without bootstrapping and wait to be added with `basaltctl member add`.
+    #[arg(long)]
+    pub join: bool,
+    /// Address of the Prometheus metrics endpoint (`/metrics`); default: gRPC port + 1000.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
+    /// Log entries between snapshots (and log compactions).
+    #[arg(long)]
+    pub snapshot_threshold: Option<u64>,
+    /// Log filter, e.g. `info` or `basalt_server=debug` (RUST_LOG also works).
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+/// The same settings as a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<u64>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    /// Either the flag's string form or a table `{ 1 = "127.0.0.1:7401", ... }`.
+    pub initial_cluster: Option<InitialClusterSpec>,
+    pub join: Option<bool>,
+    pub metrics_listen: Option<String>,
+    pub snapshot_threshold: Option<u64>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum InitialClusterSpec {
+    Text(String),
+    Table(BTreeMap<String, String>),
+}
+
+/// The resolved configuration the node runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Founding members by id; empty when joining an existing cluster.
+    pub initial_cluster: BTreeMap<u64, String>,
+    pub join: bool,
+    pub metrics_listen: SocketAddr,
+    pub snapshot_threshold: u64,
+    pub log_level: String,
+    pub request_timeout: Duration,
+}
+
+pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let err = |reason: &str| ConfigError::InitialCluster {
+            entry: entry.to_string(),
+            reason: reason.to_string(),
+        };
+        let (id, addr) = entry.split_once('=').ok_or_else(|| err("expected ID=HOST:PORT"))?;
+        let id: u64 = id.trim().parse().map_err(|_| err("the id is not a positive integer"))?;
+        if id == 0 {
+            return Err(err("node ids start at 1"));
+        }
+        let addr = addr.trim();
+        parse_addr("initial-cluster address", addr).map_err(|_| err("the address is not HOST:PORT"))?;
+        if out.insert(id, addr.to_string()).is_some() {
+            return Err(err("the id appears twice"));
+        }
+    }
+    if out.is_empty() {
+        return Err(ConfigError::InitialCluster {
+            entry: s.to_string(),
+            reason: "no members".into(),
+        });
+    }
+    Ok(out)
+}
+
+fn parse_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ConfigError::Invalid {
+            field,
+            reason: format!("{s:?} is not a HOST:PORT address"),
+        })
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl NodeConfig {
+    /// Resolves flags, the file they name (if any) and defaults.
+    pub fn resolve(flags: Flags) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let node_id = flags.node_id.or(file.node_id).unwrap_or(1);
+        if node_id == 0 {
+            return Err(ConfigError::Invalid {
+                field: "node-id",
+                reason: "node ids start at 1".into(),
+            });
+        }
+        let listen_text = flags.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = parse_addr("listen", &listen_text)?;
+        let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let join = flags.join || file.join.unwrap_or(false);
+        let initial_cluster = match (flags.initial_cluster, file.initial_cluster) {
+            (Some(s), _) | (None, Some(InitialClusterSpec::Text(s))) => parse_initial_cluster(&s)?,
+            (None, Some(InitialClusterSpec::Table(t))) => {
+                let text = t.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+                parse_initial_cluster(&text)?
+            }
+            (None, None) if join => BTreeMap::new(),
+            // Alone: a single-node cluster of this node.
+            (None, None) => BTreeMap::from([(node_id, listen_text.clone())]),
+        };
+        if join && !initial_cluster.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "join",
+                reason: "--join and --initial-cluster exclude each other".into(),
+            });
+        }
+        if !join && !initial_cluster.contains_key(&node_id) {
+            return Err(ConfigError::Invalid {
+                field: "initial-cluster",
+                reason: format!("it does not include this node (id {node_id}); use --join to join an existing cluster"),
+            });
+        }
+        let metrics_listen = match flags.metrics_listen.or(file.metrics_listen) {
+            Some(s) => parse_addr("metrics-listen", &s)?,
+            None => {
+                let port = match listen.port() {
+                    0 => 0,
+                    p => p.checked_add(METRICS_PORT_OFFSET).ok_or_else(|| ConfigError::Invalid {
+                        field: "metrics-listen",
+                        reason: format!("no default for gRPC port {p}; set --metrics-listen"),
+                    })?,
+                };
+                SocketAddr::new(listen.ip(), port)
+            }
+        };
+        let snapshot_threshold = flags.snapshot_threshold.or(file.snapshot_threshold).unwrap_or(10_000);
+        if snapshot_threshold == 0 {
+            return Err(ConfigError::Invalid {
+                field: "snapshot-threshold",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            node_id,
+            listen,
+            data_dir,
+            initial_cluster,
+            join,
+            metrics_listen,
+            snapshot_threshold,
+            log_level: flags.log_level.or(file.log_level).unwrap_or_else(|| "info".into()),
+            request_timeout: Duration::from_secs(5),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("basaltd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn no_arguments_is_a_single_node_cluster_on_7379() {
+        let c = NodeConfig::resolve(flags(&[])).unwrap();
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7379");
+        assert_eq!(c.data_dir, PathBuf::from("./basalt-data"));
+        assert_eq!(c.initial_cluster, BTreeMap::from([(1, "127.0.0.1:7379".to_string())]));
+        assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:8379");
+    }
+
+    #[test]
+    fn initial_cluster_parses_and_rejects_bad_entries() {
+        let m = parse_initial_cluster("1=127.0.0.1:7401, 2=127.0.0.1:7402,3=127.0.0.1:7403").unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[&2], "127.0.0.1:7402");
+        for bad in ["", "1", "x=127.0.0.1:1", "0=127.0.0.1:1", "1=nope", "1=127.0.0.1:1,1=127.0.0.1:2"] {
+            assert!(parse_initial_cluster(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn cluster_must_include_this_node_unless_joining() {
+        let e = NodeConfig::resolve(flags(&["--node-id", "4", "--initial-cluster", "1=127.0.0.1:7401"]));
+        assert!(e.is_err());
+        let c = NodeConfig::resolve(flags(&["--node-id", "4", "--listen", "127.0.0.1:7404", "--join"])).unwrap();
+        assert!(c.join && c.initial_cluster.is_empty());
+    }
+
+    #[test]
+    fn file_settings_apply_and_flags_override_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("basalt.toml");
+        std::fs::write(
+            &path,
+            "node_id = 2\nlisten = \"127.0.0.1:7402\"\ndata_dir = \"/tmp/x\"\nsnapshot_threshold = 50\n\
+             [initial_cluster]\n1 = \"127.0.0.1:7401\"\n2 = \"127.0.0.1:7402\"\n",
+        )
+        .unwrap();
+        let c = NodeConfig::resolve(flags(&["--config", path.to_str().unwrap(), "--snapshot-threshold", "70"])).unwrap();
+        assert_eq!(c.node_id, 2);
+        assert_eq!(c.listen.port(), 7402);
+        assert_eq!(c.metrics_listen.port(), 8402);
+        assert_eq!(c.snapshot_threshold, 70);
+        assert_eq!(c.initial_cluster.len(), 2);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("basalt.toml");
+        std::fs::write(&path, "node_idd = 2\n").unwrap();
+        assert!(matches!(
+            NodeConfig::resolve(flags(&["--config", path.to_str().unwrap()])),
+            Err(ConfigError::ParseFile { .. })
+        ));
+    }
+}

@@ -1,0 +1,163 @@
+//! The node's Prometheus metrics and the HTTP endpoint that serves them.
+//!
+//! Counters and histograms are updated on the request path; Raft gauges (term, commit, applied,
+//! leadership) are sampled from each group's status when `/metrics` is scraped, so they cost
+//! nothing between scrapes and are never stale. Storage (fsyncs, entries per fsync) and consensus
+//! (snapshot events) register their own metrics in the same registry.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use basalt_consensus::{Replication, Role};
+use basalt_consensus::raft::peer_service::GroupRegistry;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+#[derive(Clone)]
+pub struct ServerMetrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    forwarded: IntCounterVec,
+    raft: IntGaugeVec,
+}
+
+impl ServerMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("basalt_requests_total", "Client requests by method and gRPC status code"),
+            &["method", "code"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("basalt_request_duration_seconds", "Client request latency by method")
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18)?),
+            &["method"],
+        )?;
+        let forwarded = IntCounterVec::new(
+            Opts::new("basalt_requests_forwarded_total", "Requests forwarded to the leader by method"),
+            &["method"],
+        )?;
+        let raft = IntGaugeVec::new(
+            Opts::new(
+                "basalt_raft",
+                "Raft state per group: term, last_log_index, commit_index, applied_index, snapshot_index, is_leader",
+            ),
+            &["group", "field"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(forwarded.clone()))?;
+        registry.register(Box::new(raft.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            latency,
+            forwarded,
+            raft,
+        })
+    }
+
+    pub fn observe(&self, method: &str, started: Instant, code: tonic::Code) {
+        self.latency
+            .with_label_values(&[method])
+            .observe(started.elapsed().as_secs_f64());
+        self.requests
+            .with_label_values(&[method, code_name(code)])
+            .inc();
+    }
+
+    pub fn forwarded(&self, method: &str) {
+        self.forwarded.with_label_values(&[method]).inc();
+    }
+
+    fn sample(&self, groups: &GroupRegistry) {
+        for g in groups.all() {
+            let s = g.status();
+            let id = s.group_id.to_string();
+            let set = |field: &str, v: u64| {
+                self.raft
+                    .with_label_values(&[id.as_str(), field])
+                    .set(i64::try_from(v).unwrap_or(i64::MAX))
+            };
+            set("term", s.term);
+            set("last_log_index", s.last_log_index);
+            set("commit_index", s.commit_index);
+            set("applied_index", s.applied_index);
+            set("snapshot_index", s.snapshot_index);
+            set("is_leader", u64::from(s.role == Role::Leader));
+        }
+    }
+
+    /// The text exposition of every registered metric.
+    pub fn render(&self, groups: &GroupRegistry) -> Vec<u8> {
+        self.sample(groups);
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        InvalidArgument => "invalid_argument",
+        NotFound => "not_found",
+        FailedPrecondition => "failed_precondition",
+        Unavailable => "unavailable",
+        DeadlineExceeded => "deadline_exceeded",
+        DataLoss => "data_loss",
+        Internal => "internal",
+        _ => "other",
+    }
+}
+
+/// Serves `GET /metrics` until `shutdown` resolves. Binds first so a bad address fails the start.
+pub async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: ServerMetrics,
+    groups: GroupRegistry,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut shutdown = shutdown;
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept");
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let (metrics, groups) = (metrics.clone(), groups.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = if req.uri().path() == "/metrics" {
+                    Response::new(Full::new(Bytes::from(metrics.render(&groups))))
+                } else {
+                    let mut r = Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
+                    *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                    r
+                };
+                async move { Ok::<_, Infallible>(body) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+                tracing::debug!(error = %e, "metrics connection");
+            }
+        });
+    }
+}

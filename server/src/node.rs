@@ -1,0 +1,222 @@
+//! A running Basalt node: storage, replica groups, gRPC services and metrics, from start to
+//! clean shutdown.
+//!
+//! Start-up order matters and is:
+//! 1. claim the data directory (it records the node id; a different id is refused, so two configs
+//!    can never share one directory's Raft state),
+//! 2. open the engine and the group-commit writer,
+//! 3. open the group (its Raft state, if any, is recovered here),
+//! 4. bind the gRPC and metrics ports (failing fast on a taken port) and start serving,
+//! 5. bootstrap the group if, and only if, its Raft state is new and this node is a founding member.
+//!
+//! Serving starts before bootstrap because founding members must already answer each other's
+//! votes when the first election begins.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_consensus::raft::network::PeerClients;
+use basalt_consensus::raft::peer_service::{GroupRegistry, PeerService};
+use basalt_consensus::raft::{RaftGroup, RaftGroupConfig};
+use basalt_consensus::{ConsensusMetrics, Replication, ReplicationError};
+use basalt_proto::v1::admin_server::AdminServer;
+use basalt_proto::v1::kv_server::KvServer;
+use basalt_proto::v1::raft_peer_server::RaftPeerServer;
+use basalt_storage::{Engine, GroupCommitWriter, RocksEngine, StorageError, StorageMetrics, DEFAULT_KEYSPACE};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin_service::AdminService;
+use crate::config::NodeConfig;
+use crate::forward::Forwarder;
+use crate::kv_service::KvService;
+use crate::metrics::{bind_metrics, serve_metrics, ServerMetrics};
+
+/// The one group of the foundation: the default keyspace, whole.
+pub const DEFAULT_GROUP: u64 = 1;
+const NODE_ID_FILE: &str = "NODE_ID";
+/// Largest gRPC message accepted: a maximal value plus headroom.
+const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// How long a forwarded request may wait on the leader.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("data directory {path} belongs to node {found}, not node {configured}")]
+    WrongNode { path: String, found: String, configured: u64 },
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("replication: {0}")]
+    Replication(#[from] ReplicationError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    group: Arc<RaftGroup>,
+    listen: SocketAddr,
+    metrics_listen: SocketAddr,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn claim_data_dir(dir: &Path, node_id: u64) -> Result<(), NodeError> {
+    let path = dir.display().to_string();
+    let io = |source| NodeError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file = dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(found) if found.trim() == node_id.to_string() => Ok(()),
+        Ok(found) => Err(NodeError::WrongNode {
+            path,
+            found: found.trim().to_string(),
+            configured: node_id,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&file, format!("{node_id}\n")).map_err(io)?;
+            Ok(())
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+impl Node {
+    /// Starts the node and returns once it serves (and, for a founding member of a new cluster,
+    /// once it has proposed the initial membership).
+    pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        claim_data_dir(&cfg.data_dir, cfg.node_id)?;
+        let metrics = ServerMetrics::new()?;
+        let engine: Arc<dyn Engine> = RocksEngine::open(&cfg.data_dir.join("db"))?;
+        let writer = GroupCommitWriter::new(engine.clone(), StorageMetrics::new(&metrics.registry)?);
+        let consensus_metrics = ConsensusMetrics::new(&metrics.registry)?;
+        let peers = PeerClients::new();
+
+        let mut gcfg = RaftGroupConfig::new(
+            cfg.node_id,
+            DEFAULT_GROUP,
+            DEFAULT_KEYSPACE,
+            cfg.data_dir.join("snapshots").join(format!("group-{DEFAULT_GROUP}")),
+        );
+        gcfg.snapshot_threshold = cfg.snapshot_threshold;
+        gcfg.logs_kept_after_snapshot = (cfg.snapshot_threshold / 10).clamp(1, 1_000);
+        gcfg.request_timeout = cfg.request_timeout;
+        let group = RaftGroup::open(gcfg, engine, writer, peers.clone(), consensus_metrics).await?;
+        let registry = GroupRegistry::default();
+        registry.insert(group.clone());
+
+        let listener = TcpListener::bind(cfg.listen).await.map_err(|source| NodeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let listen = listener.local_addr().map_err(|source| NodeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let metrics_listener = bind_metrics(cfg.metrics_listen).await.map_err(|source| NodeError::Bind {
+            addr: cfg.metrics_listen,
+            source,
+        })?;
+        let metrics_listen = metrics_listener.local_addr().map_err(|source| NodeError::Bind {
+            addr: cfg.metrics_listen,
+            source,
+        })?;
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let forwarder = Forwarder::new(peers.clone(), FORWARD_TIMEOUT);
+        let dyn_group: Arc<dyn Replication> = group.clone();
+        let kv = KvService::new(dyn_group.clone(), forwarder.clone(), metrics.clone());
+        let admin = AdminService::new(dyn_group, peers, forwarder, metrics.clone());
+        let peer = PeerService::new(registry.clone());
+
+        let mut rx = shutdown_rx.clone();
+        let grpc = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                KvServer::new(kv)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(AdminServer::new(admin))
+            .add_service(
+                RaftPeerServer::new(peer)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20),
+            )
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                let _ = rx.changed().await;
+            });
+        let mut tasks = vec![tokio::spawn(async move {
+            if let Err(e) = grpc.await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        })];
+        tasks.push(tokio::spawn(serve_metrics(
+            metrics_listener,
+            metrics,
+            registry,
+            shutdown_rx,
+        )));
+
+        if !cfg.join && group.initialize(&cfg.initial_cluster).await? {
+            tracing::info!(members = ?cfg.initial_cluster, "bootstrapped a new cluster");
+        }
+        tracing::info!(node_id = cfg.node_id, %listen, metrics = %metrics_listen, "node serving");
+        Ok(Node {
+            cfg,
+            group,
+            listen,
+            metrics_listen,
+            shutdown_tx,
+            tasks,
+        })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listen
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.cfg.node_id
+    }
+
+    /// Stops serving, then stops the group; in-flight requests end with an error, and everything
+    /// acknowledged is already durable (acknowledgement waits for the fsync).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        self.group.shutdown().await;
+        for t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), t).await.is_err() {
+                tracing::warn!("a server task did not stop within 5s");
+            }
+        }
+        tracing::info!(node_id = self.cfg.node_id, "node stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_dir_belongs_to_one_node() {
+        let dir = tempfile::tempdir().unwrap();
+        claim_data_dir(dir.path(), 3).unwrap();
+        claim_data_dir(dir.path(), 3).unwrap();
+        assert!(matches!(claim_data_dir(dir.path(), 4), Err(NodeError::WrongNode { .. })));
+    }
+}
