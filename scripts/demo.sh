@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The first thing to run: builds basaltd and the demo, then starts a local 3-node cluster, writes
+# keys, kills the leader, checks every acknowledged write and shows the killed node catching up.
+# Extra arguments go to basalt-demo (see `--help`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+cargo build --bin basaltd --bin basalt-demo --bin basaltctl
+BASALTD="$CARGO_TARGET_DIR/debug/basaltd" exec "$CARGO_TARGET_DIR/debug/basalt-demo" "$@"

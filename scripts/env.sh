@@ -1,0 +1,24 @@
+# Shared setup for Basalt's scripts: sourced, not run.
+#
+# - Installs libclang (RocksDB's Rust bindings are generated with bindgen) if it is missing, using
+#   apt-get on Debian/Ubuntu; as root directly, otherwise through sudo.
+# - Points CARGO_TARGET_DIR at a cache outside the checkout, so a fresh clone reuses the
+#   RocksDB build (about 11 minutes cold on 2 cores) instead of starting over.
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/basalt/target}"
+
+have_libclang() {
+    ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* /usr/lib/aarch64-linux-gnu/libclang*.so* >/dev/null 2>&1
+}
+
+if ! have_libclang; then
+    echo "basalt: installing libclang-dev (needed to build RocksDB's bindings)" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    if command -v apt-get >/dev/null 2>&1; then
+        $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libclang-dev >/dev/null
+    else
+        echo "basalt: please install libclang (e.g. libclang-dev) and re-run" >&2
+        exit 1
+    fi
+fi
