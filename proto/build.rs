@@ -12,8 +12,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure()
-        .bytes(".basalt.v1")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().bytes(".basalt.v1").compile_fds(fds)?;
     Ok(())
 }

@@ -22,6 +22,4 @@ mod replication;
 
 pub use error::ReplicationError;
 pub use metrics::ConsensusMetrics;
-pub use replication::{
-    BoxFuture, GroupHealth, GroupStatus, MemberInfo, ReadBarrier, Replication, Role, StateReader,
-};
+pub use replication::{BoxFuture, GroupHealth, GroupStatus, MemberInfo, ReadBarrier, Replication, Role, StateReader};

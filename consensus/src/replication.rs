@@ -125,7 +125,14 @@ impl GroupHealth {
     }
 
     fn set(&self, why: String, corruption: bool) {
-        if self.stopped.set(Stop { why: why.clone(), corruption }).is_ok() {
+        if self
+            .stopped
+            .set(Stop {
+                why: why.clone(),
+                corruption,
+            })
+            .is_ok()
+        {
             tracing::error!(reason = %why, corruption, "replica stopped serving");
         }
     }

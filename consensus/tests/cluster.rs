@@ -156,7 +156,10 @@ impl TestCluster {
 async fn three_nodes_replicate_and_read_linearizably() {
     let c = TestCluster::start(3, 10_000).await;
     for i in 0..50 {
-        assert_eq!(c.put(&format!("k{i:03}"), &format!("v{i}")).await.unwrap(), WriteResponse::Put);
+        assert_eq!(
+            c.put(&format!("k{i:03}"), &format!("v{i}")).await.unwrap(),
+            WriteResponse::Put
+        );
     }
     let l = c.leader(Duration::from_secs(5)).await;
     let barrier = c.group(l).read_barrier().await.unwrap();
@@ -196,11 +199,20 @@ async fn retried_session_write_applies_once() {
     };
     let first = c.group(l).propose(cas(1)).await.unwrap();
     let retry = c.group(l).propose(cas(1)).await.unwrap();
-    assert_eq!(first, WriteResponse::CompareAndSwap { succeeded: true, current: None });
+    assert_eq!(
+        first,
+        WriteResponse::CompareAndSwap {
+            succeeded: true,
+            current: None
+        }
+    );
     assert_eq!(retry, first, "the retry reports the original success");
     // A genuinely new CAS with the same expectation fails: the key exists now.
     match c.group(l).propose(cas(2)).await.unwrap() {
-        WriteResponse::CompareAndSwap { succeeded: false, current } => assert_eq!(current, Some(b"1".to_vec())),
+        WriteResponse::CompareAndSwap {
+            succeeded: false,
+            current,
+        } => assert_eq!(current, Some(b"1".to_vec())),
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -223,7 +235,10 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
     assert!(installed >= 1, "the restarted node caught up through a snapshot");
     let (kvs, _) = c.group(down).reader().scan(b"key-", None, 1000).unwrap();
     assert_eq!(kvs.len(), 300);
-    assert_eq!(c.group(down).reader().get(b"key-0123").unwrap(), Some(b"value-123".to_vec()));
+    assert_eq!(
+        c.group(down).reader().get(b"key-0123").unwrap(),
+        Some(b"value-123".to_vec())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -236,7 +251,11 @@ async fn a_new_leader_is_elected_after_the_leader_crashes() {
     c.put("after", "2").await.unwrap();
     let new = c.leader(Duration::from_secs(5)).await;
     assert_ne!(new, old);
-    assert!(started.elapsed() < Duration::from_secs(3), "failover took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "failover took {:?}",
+        started.elapsed()
+    );
     c.group(new).read_barrier().await.unwrap();
     assert_eq!(c.group(new).reader().get(b"before").unwrap(), Some(b"1".to_vec()));
 }

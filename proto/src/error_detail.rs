@@ -42,7 +42,10 @@ mod tests {
     fn not_leader_round_trips_with_unavailable() {
         let st = status_with_detail(
             "not the leader",
-            Kind::NotLeader(NotLeader { leader_id: 3, leader_addr: "127.0.0.1:7403".into() }),
+            Kind::NotLeader(NotLeader {
+                leader_id: 3,
+                leader_addr: "127.0.0.1:7403".into(),
+            }),
         );
         assert_eq!(st.code(), Code::Unavailable);
         match ErrorDetail::from_status(&st) {

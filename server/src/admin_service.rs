@@ -123,7 +123,10 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn cluster_status(&self, _req: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusResponse>, Status> {
+    async fn cluster_status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
         self.timed("cluster_status", async {
             let local = self.group.status();
             let probes = local.members.iter().map(|m| {
@@ -193,7 +196,10 @@ impl Admin for AdminService {
                 return Err(invalid("id", "node ids start at 1"));
             }
             if req.address.parse::<std::net::SocketAddr>().is_err() {
-                return Err(invalid("address", format!("{:?} is not an IP:PORT address", req.address)));
+                return Err(invalid(
+                    "address",
+                    format!("{:?} is not an IP:PORT address", req.address),
+                ));
             }
             let r = self.group.add_member(req.id, req.address.clone()).await;
             if r.is_ok() {

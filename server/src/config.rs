@@ -35,7 +35,11 @@ pub enum ConfigError {
 
 /// Command-line flags. Every setting is optional here so that the file and defaults can fill in.
 #[derive(Debug, Default, Parser)]
-#[command(name = "basaltd", version, about = "Basalt node: a replicated, strongly consistent key-value store")]
+#[command(
+    name = "basaltd",
+    version,
+    about = "Basalt node: a replicated, strongly consistent key-value store"
+)]
 pub struct Flags {
     /// TOML file with the same settings as the flags (flags win).
     #[arg(long, value_name = "FILE")]
@@ -166,9 +170,15 @@ impl NodeConfig {
                 reason: "node ids start at 1".into(),
             });
         }
-        let listen_text = flags.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen_text = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen = parse_addr("listen", &listen_text)?;
-        let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let join = flags.join || file.join.unwrap_or(false);
         let initial_cluster = match (flags.initial_cluster, file.initial_cluster) {
             (Some(s), _) | (None, Some(InitialClusterSpec::Text(s))) => parse_initial_cluster(&s)?,
@@ -249,7 +259,14 @@ mod tests {
         let m = parse_initial_cluster("1=127.0.0.1:7401, 2=127.0.0.1:7402,3=127.0.0.1:7403").unwrap();
         assert_eq!(m.len(), 3);
         assert_eq!(m[&2], "127.0.0.1:7402");
-        for bad in ["", "1", "x=127.0.0.1:1", "0=127.0.0.1:1", "1=nope", "1=127.0.0.1:1,1=127.0.0.1:2"] {
+        for bad in [
+            "",
+            "1",
+            "x=127.0.0.1:1",
+            "0=127.0.0.1:1",
+            "1=nope",
+            "1=127.0.0.1:1,1=127.0.0.1:2",
+        ] {
             assert!(parse_initial_cluster(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -272,7 +289,13 @@ mod tests {
              [initial_cluster]\n1 = \"127.0.0.1:7401\"\n2 = \"127.0.0.1:7402\"\n",
         )
         .unwrap();
-        let c = NodeConfig::resolve(flags(&["--config", path.to_str().unwrap(), "--snapshot-threshold", "70"])).unwrap();
+        let c = NodeConfig::resolve(flags(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--snapshot-threshold",
+            "70",
+        ]))
+        .unwrap();
         assert_eq!(c.node_id, 2);
         assert_eq!(c.listen.port(), 7402);
         assert_eq!(c.metrics_listen.port(), 8402);

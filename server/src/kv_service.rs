@@ -162,7 +162,13 @@ impl Kv for KvService {
             };
             let session = req.session.clone();
             match self
-                .write("put", cmd, req.clone(), forwarded, |mut c, r| async move { c.put(r).await })
+                .write(
+                    "put",
+                    cmd,
+                    req.clone(),
+                    forwarded,
+                    |mut c, r| async move { c.put(r).await },
+                )
                 .await?
             {
                 Ok(WriteResponse::Put) => Ok(Response::new(PutResponse {
@@ -207,7 +213,9 @@ impl Kv for KvService {
             };
             let session = req.session.clone();
             match self
-                .write("delete", cmd, req.clone(), forwarded, |mut c, r| async move { c.delete(r).await })
+                .write("delete", cmd, req.clone(), forwarded, |mut c, r| async move {
+                    c.delete(r).await
+                })
                 .await?
             {
                 Ok(WriteResponse::Delete { existed }) => Ok(Response::new(DeleteResponse {
@@ -228,7 +236,12 @@ impl Kv for KvService {
         self.timed("scan", async {
             let limit = check_scan(&req.start, &req.end, req.limit)?;
             if let Some(resp) = self
-                .read("scan", req.clone(), forwarded, |mut c, r| async move { c.scan(r).await })
+                .read(
+                    "scan",
+                    req.clone(),
+                    forwarded,
+                    |mut c, r| async move { c.scan(r).await },
+                )
                 .await?
             {
                 return Ok(resp);
@@ -268,7 +281,12 @@ impl Kv for KvService {
                 Some(Expected::ExpectAbsent(false)) => {
                     return Err(invalid("expect_absent", "must be true when set"));
                 }
-                None => return Err(invalid("expected", "one of expected_value or expect_absent is required")),
+                None => {
+                    return Err(invalid(
+                        "expected",
+                        "one of expected_value or expect_absent is required",
+                    ))
+                }
             };
             let cmd = WriteRequest {
                 session: check_session(req.session.as_ref())?,

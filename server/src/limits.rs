@@ -78,7 +78,10 @@ pub fn check_session(s: Option<&WriteSession>) -> Result<Option<basalt_storage::
         return Err(invalid("session.sequence", "sequences start at 1"));
     }
     if s.acked_through >= s.sequence {
-        return Err(invalid("session.acked_through", "must be below the write's own sequence"));
+        return Err(invalid(
+            "session.acked_through",
+            "must be below the write's own sequence",
+        ));
     }
     Ok(Some(basalt_storage::Session {
         client_id: s.client_id,

@@ -9,8 +9,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use basalt_consensus::{Replication, Role};
 use basalt_consensus::raft::peer_service::GroupRegistry;
+use basalt_consensus::{Replication, Role};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
@@ -30,7 +30,10 @@ impl ServerMetrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("basalt_requests_total", "Client requests by method and gRPC status code"),
+            Opts::new(
+                "basalt_requests_total",
+                "Client requests by method and gRPC status code",
+            ),
             &["method", "code"],
         )?;
         let latency = HistogramVec::new(
@@ -39,7 +42,10 @@ impl ServerMetrics {
             &["method"],
         )?;
         let forwarded = IntCounterVec::new(
-            Opts::new("basalt_requests_forwarded_total", "Requests forwarded to the leader by method"),
+            Opts::new(
+                "basalt_requests_forwarded_total",
+                "Requests forwarded to the leader by method",
+            ),
             &["method"],
         )?;
         let raft = IntGaugeVec::new(
@@ -66,9 +72,7 @@ impl ServerMetrics {
         self.latency
             .with_label_values(&[method])
             .observe(started.elapsed().as_secs_f64());
-        self.requests
-            .with_label_values(&[method, code_name(code)])
-            .inc();
+        self.requests.with_label_values(&[method, code_name(code)]).inc();
     }
 
     pub fn forwarded(&self, method: &str) {
@@ -155,7 +159,10 @@ pub async fn serve_metrics(
                 async move { Ok::<_, Infallible>(body) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
                 tracing::debug!(error = %e, "metrics connection");
             }
         });

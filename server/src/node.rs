@@ -48,7 +48,11 @@ pub enum NodeError {
     #[error("data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
     #[error("data directory {path} belongs to node {found}, not node {configured}")]
-    WrongNode { path: String, found: String, configured: u64 },
+    WrongNode {
+        path: String,
+        found: String,
+        configured: u64,
+    },
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
     #[error("replication: {0}")]
@@ -123,10 +127,12 @@ impl Node {
             addr: cfg.listen,
             source,
         })?;
-        let metrics_listener = bind_metrics(cfg.metrics_listen).await.map_err(|source| NodeError::Bind {
-            addr: cfg.metrics_listen,
-            source,
-        })?;
+        let metrics_listener = bind_metrics(cfg.metrics_listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: cfg.metrics_listen,
+                source,
+            })?;
         let metrics_listen = metrics_listener.local_addr().map_err(|source| NodeError::Bind {
             addr: cfg.metrics_listen,
             source,
@@ -217,6 +223,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         claim_data_dir(dir.path(), 3).unwrap();
         claim_data_dir(dir.path(), 3).unwrap();
-        assert!(matches!(claim_data_dir(dir.path(), 4), Err(NodeError::WrongNode { .. })));
+        assert!(matches!(
+            claim_data_dir(dir.path(), 4),
+            Err(NodeError::WrongNode { .. })
+        ));
     }
 }

@@ -21,8 +21,8 @@ use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
 use basalt_storage::{RaftLog, RaftStateItem, StorageError};
-use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
 
 use super::types::{Entry, LogId, TypeConfig, Vote};
@@ -102,7 +102,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged: Option<LogId> = match self.log.read_state(RaftStateItem::LastPurged).map_err(|e| self.fail(e))? {
+        let last_purged: Option<LogId> = match self
+            .log
+            .read_state(RaftStateItem::LastPurged)
+            .map_err(|e| self.fail(e))?
+        {
             Some(b) => Some(wire::decode("last purged log id", &b).map_err(wire::to_io)?),
             None => None,
         };
@@ -122,7 +126,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let bytes = wire::encode("vote", vote).map_err(wire::to_io)?;
-        self.log.save_state(RaftStateItem::Vote, bytes).await.map_err(|e| self.fail(e))
+        self.log
+            .save_state(RaftStateItem::Vote, bytes)
+            .await
+            .map_err(|e| self.fail(e))
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
@@ -154,6 +161,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let marker = wire::encode("last purged log id", &log_id).map_err(wire::to_io)?;
-        self.log.purge_through(log_id.index(), marker).await.map_err(|e| self.fail(e))
+        self.log
+            .purge_through(log_id.index(), marker)
+            .await
+            .map_err(|e| self.fail(e))
     }
 }

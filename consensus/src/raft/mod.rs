@@ -109,7 +109,8 @@ impl RaftGroup {
         metrics: ConsensusMetrics,
     ) -> Result<Arc<Self>, ReplicationError> {
         let health = Arc::new(GroupHealth::default());
-        let sm = KvStateMachine::open(engine.clone(), cfg.group_id, cfg.keyspace).map_err(|e| health_err(&health, e))?;
+        let sm =
+            KvStateMachine::open(engine.clone(), cfg.group_id, cfg.keyspace).map_err(|e| health_err(&health, e))?;
         let sm = Arc::new(RwLock::new(sm));
         let snapshots = SnapshotDir::new(cfg.snapshot_dir.clone())
             .map_err(|e| ReplicationError::Stopped(format!("snapshot dir {}: {e}", cfg.snapshot_dir.display())))?;
@@ -141,7 +142,11 @@ impl RaftGroup {
     /// Forms a new group with `members` (id → address) if this replica has never been part of one.
     /// Returns whether it did. Every initial member may call this with the same set.
     pub async fn initialize(&self, members: &BTreeMap<u64, String>) -> Result<bool, ReplicationError> {
-        let initialized = self.raft.is_initialized().await.map_err(|e| ReplicationError::Stopped(e.to_string()))?;
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
         if initialized {
             return Ok(false);
         }
@@ -198,7 +203,9 @@ impl RaftGroup {
             RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
                 ReplicationError::OutcomeUnknown(format!("leader changed while the write was in flight ({f})"))
             }
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ReplicationError::Membership(e.to_string()),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                ReplicationError::Membership(e.to_string())
+            }
             RaftError::APIError(ClientWriteError::PreconditionFailed(e)) => ReplicationError::Membership(e.to_string()),
             RaftError::Fatal(f) => self.fatal(f),
         }
@@ -218,7 +225,10 @@ impl RaftGroup {
         self.health.check()?;
         match tokio::time::timeout(self.cfg.request_timeout, f).await {
             Ok(r) => r,
-            Err(_) => Err(on_timeout(format!("{what} did not finish within {:?}", self.cfg.request_timeout))),
+            Err(_) => Err(on_timeout(format!(
+                "{what} did not finish within {:?}",
+                self.cfg.request_timeout
+            ))),
         }
     }
 
@@ -347,7 +357,9 @@ impl Replication for RaftGroup {
                     return Err(ReplicationError::UnknownMember(to));
                 }
                 if !voters.contains(&to) {
-                    return Err(ReplicationError::Membership(format!("node {to} is not a voting member")));
+                    return Err(ReplicationError::Membership(format!(
+                        "node {to} is not a voting member"
+                    )));
                 }
                 let status = self.status();
                 if status.leader_id == Some(to) {

@@ -267,9 +267,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         });
         let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         req.set_timeout(option.hard_ttl().max(Duration::from_secs(60)));
-        let mut client = self
-            .client()
-            .map_err(|e| StreamingError::Network(network_err(e)))?;
+        let mut client = self.client().map_err(|e| StreamingError::Network(network_err(e)))?;
         let call = client.install_snapshot(req);
         let reply = tokio::select! {
             closed = cancel => {

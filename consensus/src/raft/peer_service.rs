@@ -61,8 +61,8 @@ impl PeerService {
     /// Verifies and decodes a request, looks up its group.
     fn open<T: DeserializeOwned>(&self, what: &'static str, msg: &RaftMessage) -> Result<(Arc<RaftGroup>, T), Status> {
         let group = self.group(msg.group_id)?;
-        let decoded = wire::verify_crc(what, &[&msg.payload], msg.crc32)
-            .and_then(|()| wire::decode::<T>(what, &msg.payload));
+        let decoded =
+            wire::verify_crc(what, &[&msg.payload], msg.crc32).and_then(|()| wire::decode::<T>(what, &msg.payload));
         match decoded {
             Ok(v) => Ok((group, v)),
             Err(e) => {
@@ -72,7 +72,11 @@ impl PeerService {
         }
     }
 
-    fn reply<T: Serialize, E: std::fmt::Display>(group: u64, what: &'static str, r: Result<T, E>) -> Result<Response<RaftMessage>, Status> {
+    fn reply<T: Serialize, E: std::fmt::Display>(
+        group: u64,
+        what: &'static str,
+        r: Result<T, E>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let r: RemoteResult<T> = r.map_err(|e| e.to_string());
         let payload = wire::encode(what, &r).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(RaftMessage {

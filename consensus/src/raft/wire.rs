@@ -41,11 +41,7 @@ pub fn verify_crc(what: &'static str, parts: &[&[u8]], expected: u32) -> Result<
     if actual == expected {
         Ok(())
     } else {
-        Err(WireError::Checksum {
-            what,
-            expected,
-            actual,
-        })
+        Err(WireError::Checksum { what, expected, actual })
     }
 }
 
@@ -72,9 +68,6 @@ mod tests {
         let mut bad = payload.clone();
         bad[2] ^= 0x10;
         assert!(verify_crc("t", &[&payload], sum).is_ok());
-        assert!(matches!(
-            verify_crc("t", &[&bad], sum),
-            Err(WireError::Checksum { .. })
-        ));
+        assert!(matches!(verify_crc("t", &[&bad], sum), Err(WireError::Checksum { .. })));
     }
 }
