@@ -72,6 +72,23 @@ pub struct WriteRequest {
     pub command: Command,
 }
 
+/// A short, size-bounded description for logs and openraft's entry display; never the values,
+/// which may be large or sensitive.
+impl std::fmt::Display for WriteRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (op, key) = match &self.command {
+            Command::Put { key, .. } => ("put", key),
+            Command::Delete { key } => ("delete", key),
+            Command::CompareAndSwap { key, .. } => ("cas", key),
+        };
+        write!(f, "{op} key_len={}", key.len())?;
+        if let Some(s) = &self.session {
+            write!(f, " session={}/{}", s.client_id, s.sequence)?;
+        }
+        Ok(())
+    }
+}
+
 /// The outcome of one log entry.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum WriteResponse {
