@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use basalt_storage::{Engine, GroupCommitWriter, KvStateMachine, RaftLog, WriteRequest, WriteResponse};
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
 use parking_lot::RwLock;
 
@@ -182,7 +183,7 @@ impl RaftGroup {
 
     fn leader_addr(&self, id: u64) -> Option<String> {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
@@ -234,7 +235,7 @@ impl RaftGroup {
 
     fn membership(&self) -> (BTreeSet<u64>, BTreeMap<u64, String>) {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         let mem = m.membership_config.membership();
         let voters = mem.voter_ids().collect();
         let nodes = mem.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
@@ -378,7 +379,7 @@ impl Replication for RaftGroup {
                     .map_err(|f| self.fatal(f))?;
                 let mut rx = self.raft.metrics();
                 loop {
-                    if rx.borrow().current_leader == Some(to) {
+                    if rx.borrow_watched().current_leader == Some(to) {
                         return Ok(());
                     }
                     if rx.changed().await.is_err() {
@@ -392,7 +393,7 @@ impl Replication for RaftGroup {
 
     fn status(&self) -> GroupStatus {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         let mem = m.membership_config.membership();
         let voters: BTreeSet<u64> = mem.voter_ids().collect();
         let members = mem

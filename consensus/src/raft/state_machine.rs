@@ -108,14 +108,9 @@ impl SnapshotDir {
 
 fn snapshot_meta(info: &SnapshotInfo) -> io::Result<SnapshotMeta> {
     let applied = decode_applied(Some(&info.applied_meta))?;
-    let snapshot_id = match &applied.last_applied {
-        Some(l) => format!("{}-{}", l.committed_leader_id(), l.index()),
-        None => "empty".to_string(),
-    };
     Ok(SnapshotMeta {
         last_log_id: applied.last_applied,
         last_membership: applied.membership,
-        snapshot_id,
     })
 }
 
