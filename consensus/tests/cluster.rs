@@ -24,7 +24,10 @@ struct TestNode {
     addr: String,
     engine: Arc<MemoryEngine>,
     group: Option<Arc<RaftGroup>>,
-    server: Option<JoinHandle<()>>,
+    /// The node's peer server runs for the whole test; a crash removes the group from the
+    /// registry, so peers see "group not hosted" (a network error to openraft) until it reopens.
+    registry: GroupRegistry,
+    _server: JoinHandle<()>,
     metrics: ConsensusMetrics,
     _dir: tempfile::TempDir,
 }
@@ -43,25 +46,37 @@ fn group_config(id: u64, dir: &std::path::Path, threshold: u64) -> RaftGroupConf
 
 impl TestCluster {
     async fn start(n: u64, threshold: u64) -> Self {
+        // Logs only when asked (RUST_LOG), captured per test by the harness.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let mut nodes = Vec::new();
-        let mut listeners = Vec::new();
         for id in 1..=n {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap().to_string();
-            listeners.push(l);
+            let registry = GroupRegistry::default();
+            let r = registry.clone();
+            let server = tokio::spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .add_service(RaftPeerServer::new(PeerService::new(r)))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+                    .await;
+            });
             nodes.push(TestNode {
                 id,
                 addr,
                 engine: MemoryEngine::new(),
                 group: None,
-                server: None,
+                registry,
+                _server: server,
                 metrics: ConsensusMetrics::unregistered().unwrap(),
                 _dir: tempfile::tempdir().unwrap(),
             });
         }
         let mut c = TestCluster { nodes, threshold };
-        for (i, l) in listeners.into_iter().enumerate() {
-            c.open(i, Some(l)).await;
+        for i in 0..c.nodes.len() {
+            c.open(i).await;
         }
         let members: BTreeMap<u64, String> = c.nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
         for n in &c.nodes {
@@ -70,7 +85,7 @@ impl TestCluster {
         c
     }
 
-    async fn open(&mut self, i: usize, listener: Option<TcpListener>) {
+    async fn open(&mut self, i: usize) {
         let threshold = self.threshold;
         let n = &mut self.nodes[i];
         let engine: Arc<dyn Engine> = n.engine.clone();
@@ -84,28 +99,16 @@ impl TestCluster {
         )
         .await
         .unwrap();
-        let registry = GroupRegistry::default();
-        registry.insert(group.clone());
-        let listener = match listener {
-            Some(l) => l,
-            None => TcpListener::bind(&n.addr).await.unwrap(),
-        };
-        n.server = Some(tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(RaftPeerServer::new(PeerService::new(registry)))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await;
-        }));
+        n.registry.insert(group.clone());
         n.group = Some(group);
     }
 
-    /// Stops node `i` as a crash would: the server goes away and unsynced writes are lost.
+    /// Stops node `i` as a crash would: peers can no longer reach its replica and unsynced writes
+    /// are lost.
     async fn crash(&mut self, i: usize) {
         let n = &mut self.nodes[i];
-        if let Some(s) = n.server.take() {
-            s.abort();
-        }
         if let Some(g) = n.group.take() {
+            n.registry.remove(g.group_id());
             g.shutdown().await;
         }
         n.engine.crash();
@@ -130,17 +133,30 @@ impl TestCluster {
         }
     }
 
+    /// Proposes on the current leader, following leadership changes the way a client does:
+    /// `NotLeader` is definite (nothing was proposed), so retrying it cannot apply a write twice.
+    async fn propose(&self, request: WriteRequest) -> Result<WriteResponse, ReplicationError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let i = self.leader(Duration::from_secs(10)).await;
+            match self.group(i).propose(request.clone()).await {
+                Err(ReplicationError::NotLeader { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
     async fn put(&self, key: &str, value: &str) -> Result<WriteResponse, ReplicationError> {
-        let i = self.leader(Duration::from_secs(10)).await;
-        self.group(i)
-            .propose(WriteRequest {
-                session: None,
-                command: Command::Put {
-                    key: key.as_bytes().to_vec(),
-                    value: value.as_bytes().to_vec(),
-                },
-            })
-            .await
+        self.propose(WriteRequest {
+            session: None,
+            command: Command::Put {
+                key: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+            },
+        })
+        .await
     }
 
     async fn wait_applied(&self, i: usize, index: u64) {
@@ -184,7 +200,6 @@ async fn three_nodes_replicate_and_read_linearizably() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retried_session_write_applies_once() {
     let c = TestCluster::start(3, 10_000).await;
-    let l = c.leader(Duration::from_secs(10)).await;
     let cas = |seq| WriteRequest {
         session: Some(Session {
             client_id: 42,
@@ -197,8 +212,8 @@ async fn retried_session_write_applies_once() {
             new_value: b"1".to_vec(),
         },
     };
-    let first = c.group(l).propose(cas(1)).await.unwrap();
-    let retry = c.group(l).propose(cas(1)).await.unwrap();
+    let first = c.propose(cas(1)).await.unwrap();
+    let retry = c.propose(cas(1)).await.unwrap();
     assert_eq!(
         first,
         WriteResponse::CompareAndSwap {
@@ -208,7 +223,7 @@ async fn retried_session_write_applies_once() {
     );
     assert_eq!(retry, first, "the retry reports the original success");
     // A genuinely new CAS with the same expectation fails: the key exists now.
-    match c.group(l).propose(cas(2)).await.unwrap() {
+    match c.propose(cas(2)).await.unwrap() {
         WriteResponse::CompareAndSwap {
             succeeded: false,
             current,
@@ -229,7 +244,7 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
     let l = c.leader(Duration::from_secs(5)).await;
     let barrier = c.group(l).read_barrier().await.unwrap();
     assert!(c.group(l).status().purged_index > 0, "the leader compacted its log");
-    c.open(down, None).await;
+    c.open(down).await;
     c.wait_applied(down, barrier.applied_index).await;
     let installed = c.nodes[down].metrics.snapshots.with_label_values(&["installed"]).get();
     assert!(installed >= 1, "the restarted node caught up through a snapshot");

@@ -431,7 +431,7 @@ impl Replication for RaftGroup {
             leader_id: m.current_leader,
             leader_addr,
             last_log_index: m.last_log_index.unwrap_or(0),
-            commit_index: m.committed.map(|l| l.index()).unwrap_or(0),
+            commit_index: m.local_committed.map(|l| l.index()).unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index()).unwrap_or(0),
             snapshot_index: m.snapshot.map(|l| l.index()).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index()).unwrap_or(0),

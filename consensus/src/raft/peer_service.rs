@@ -34,6 +34,12 @@ impl GroupRegistry {
         self.groups.write().insert(group.group_id(), group);
     }
 
+    /// Stops routing to group `id` (its replica is closing); peers get "not hosted" until a new
+    /// replica is inserted.
+    pub fn remove(&self, id: u64) -> Option<Arc<RaftGroup>> {
+        self.groups.write().remove(&id)
+    }
+
     pub fn get(&self, id: u64) -> Option<Arc<RaftGroup>> {
         self.groups.read().get(&id).cloned()
     }
