@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-cargo build --bin basaltd --bin basalt-demo --bin basaltctl
+# The same target selection as scripts/test.sh, so both share one build of RocksDB (a narrower
+# selection resolves features differently and costs a second ~11-minute C++ build).
+cargo build --workspace --all-targets
 BASALTD="$CARGO_TARGET_DIR/debug/basaltd" exec "$CARGO_TARGET_DIR/debug/basalt-demo" "$@"

@@ -60,6 +60,9 @@ pub struct ReadBarrier {
     pub applied_index: u64,
 }
 
+/// One page of a scan: pairs in key order, and whether the range holds more after them.
+pub type ScanPage = (Vec<(Vec<u8>, Vec<u8>)>, bool);
+
 /// Read access to a group's state machine, shared with the apply path.
 ///
 /// Reads take the lock shared; the apply path takes it exclusively only for the in-memory part of
@@ -84,12 +87,7 @@ impl StateReader {
         self.health.observe(got)
     }
 
-    pub fn scan(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), ReplicationError> {
+    pub fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<ScanPage, ReplicationError> {
         self.health.check()?;
         let got = self.inner.read().scan(start, end, limit);
         self.health.observe(got)

@@ -20,6 +20,9 @@ pub const DEFAULT_DATA_DIR: &str = "./basalt-data";
 /// The metrics port defaults to the gRPC port plus this, so several nodes started by hand on one
 /// machine (7401, 7402, …) get distinct metrics ports (8401, 8402, …) without more flags.
 pub const METRICS_PORT_OFFSET: u16 = 1000;
+/// openraft logs every vote and state change at `info`; those belong at debug for operators, who
+/// still see its warnings (unreachable peers, failed replication).
+pub const DEFAULT_LOG_LEVEL: &str = "info,openraft=warn";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -230,7 +233,10 @@ impl NodeConfig {
             join,
             metrics_listen,
             snapshot_threshold,
-            log_level: flags.log_level.or(file.log_level).unwrap_or_else(|| "info".into()),
+            log_level: flags
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| DEFAULT_LOG_LEVEL.into()),
             request_timeout: Duration::from_secs(5),
         })
     }

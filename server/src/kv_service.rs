@@ -160,7 +160,7 @@ impl Kv for KvService {
                     value: req.value.to_vec(),
                 },
             };
-            let session = req.session.clone();
+            let session = req.session;
             match self
                 .write(
                     "put",
@@ -211,7 +211,7 @@ impl Kv for KvService {
                 session: check_session(req.session.as_ref())?,
                 command: Command::Delete { key: req.key.to_vec() },
             };
-            let session = req.session.clone();
+            let session = req.session;
             match self
                 .write("delete", cmd, req.clone(), forwarded, |mut c, r| async move {
                     c.delete(r).await
@@ -296,7 +296,7 @@ impl Kv for KvService {
                     new_value: req.new_value.to_vec(),
                 },
             };
-            let session = req.session.clone();
+            let session = req.session;
             match self
                 .write("compare_and_swap", cmd, req.clone(), forwarded, |mut c, r| async move {
                     c.compare_and_swap(r).await

@@ -1,0 +1,215 @@
+//! Shared support for the process-level tests: real `basaltd` processes on ephemeral loopback
+//! ports (through [`LocalCluster`]), a concurrent write load that records exactly which writes were
+//! acknowledged, and the check that every acknowledged write reads back.
+//!
+//! The load's bookkeeping is what makes the durability tests meaningful: a write counts only when
+//! the client saw success, and a write whose outcome is unknown (it failed mid-crash) is neither
+//! required nor forbidden afterwards. Each writer owns its keys, so the expected value of every
+//! acknowledged key is known without any ordering assumptions between writers.
+
+#![allow(dead_code)] // Each test binary uses a different part of this module.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_bench::local_cluster::{LocalCluster, LocalClusterOptions};
+use basalt_client::{Client, ClientConfig};
+use bytes::Bytes;
+use tokio::task::JoinSet;
+
+/// The `basaltd` built for this test run.
+pub fn basaltd() -> &'static str {
+    env!("CARGO_BIN_EXE_basaltd")
+}
+
+/// Starts `nodes` processes and waits for a leader.
+pub async fn start_cluster(nodes: usize, snapshot_threshold: Option<u64>) -> (LocalCluster, u64) {
+    let mut opts = LocalClusterOptions::new(nodes, basaltd());
+    opts.snapshot_threshold = snapshot_threshold;
+    let cluster = LocalCluster::start(opts).await.expect("cluster starts");
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(15))
+        .await
+        .expect("a leader is elected");
+    (cluster, leader)
+}
+
+/// A client of every node of `cluster` whose calls give up after `deadline`.
+pub async fn client(cluster: &LocalCluster, deadline: Duration) -> Client {
+    let mut cfg: ClientConfig = cluster.client_config();
+    cfg.deadline = deadline;
+    cfg.attempt_timeout = Duration::from_millis(1500);
+    Client::connect(cfg).await.expect("client config is valid")
+}
+
+/// A client of exactly one endpoint, for checking what that node says.
+pub async fn client_of(endpoint: String) -> Client {
+    let mut cfg = ClientConfig::new([endpoint]);
+    cfg.deadline = Duration::from_secs(10);
+    Client::connect(cfg).await.expect("client config is valid")
+}
+
+/// What a [`Load`] saw: for each acknowledged key, its value; and how many writes ended unknown.
+#[derive(Default, Debug)]
+pub struct LoadResult {
+    pub acked: BTreeMap<Bytes, Bytes>,
+    pub unknown: usize,
+}
+
+/// Concurrent writers, each putting its own keys `w{writer}-{n}` until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: JoinSet<LoadResult>,
+}
+
+impl Load {
+    pub fn start(client: &Client, writers: usize, tag: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = JoinSet::new();
+        for w in 0..writers {
+            let client = client.clone();
+            let stop = stop.clone();
+            let tag = tag.to_string();
+            tasks.spawn(async move {
+                let mut r = LoadResult::default();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = Bytes::from(format!("{tag}-w{w:02}-{n:06}"));
+                    let value = Bytes::from(format!("value {n} of writer {w} ({tag})"));
+                    match client.put(key.clone(), value.clone()).await {
+                        Ok(()) => {
+                            r.acked.insert(key, value);
+                        }
+                        Err(_) => r.unknown += 1,
+                    }
+                    n += 1;
+                }
+                r
+            });
+        }
+        Load { stop, tasks }
+    }
+
+    /// Stops the writers and returns what they saw. A put in flight finishes (or fails) first,
+    /// so its outcome is recorded like any other.
+    pub async fn finish(mut self) -> LoadResult {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = LoadResult::default();
+        while let Some(r) = self.tasks.join_next().await {
+            let r = r.expect("a writer task panicked");
+            all.acked.extend(r.acked);
+            all.unknown += r.unknown;
+        }
+        all
+    }
+}
+
+/// Writes `count` keys `{tag}-{n}` with 8 concurrent writers; every one must be acknowledged.
+pub async fn write_keys(client: &Client, tag: &str, count: usize) -> BTreeMap<Bytes, Bytes> {
+    let mut tasks = JoinSet::new();
+    let writers = 8;
+    for w in 0..writers {
+        let client = client.clone();
+        let tag = tag.to_string();
+        tasks.spawn(async move {
+            let mut acked = BTreeMap::new();
+            for n in (w..count).step_by(writers) {
+                let key = Bytes::from(format!("{tag}-{n:06}"));
+                let value = Bytes::from(format!("{tag} value {n}"));
+                client
+                    .put(key.clone(), value.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("put {key:?}: {e}"));
+                acked.insert(key, value);
+            }
+            acked
+        });
+    }
+    let mut all = BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.expect("a writer task panicked"));
+    }
+    all
+}
+
+/// Reads every key of `expected` (linearizably, 8 readers at a time) and fails the test on any
+/// missing or wrong value.
+pub async fn verify(client: &Client, expected: &BTreeMap<Bytes, Bytes>) {
+    let pairs: Vec<(Bytes, Bytes)> = expected.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut tasks = JoinSet::new();
+    for chunk in pairs.chunks(pairs.len().div_ceil(8).max(1)) {
+        let client = client.clone();
+        let chunk = chunk.to_vec();
+        tasks.spawn(async move {
+            let (mut missing, mut wrong) = (Vec::new(), Vec::new());
+            for (k, v) in chunk {
+                match client.get(k.clone()).await {
+                    Ok(Some(got)) if got == v => {}
+                    Ok(Some(got)) => wrong.push((k, got)),
+                    Ok(None) => missing.push(k),
+                    Err(e) => panic!("get {k:?}: {e}"),
+                }
+            }
+            (missing, wrong)
+        });
+    }
+    let (mut missing, mut wrong) = (Vec::new(), Vec::new());
+    while let Some(r) = tasks.join_next().await {
+        let (m, w) = r.expect("a reader task panicked");
+        missing.extend(m);
+        wrong.extend(w);
+    }
+    assert!(
+        missing.is_empty() && wrong.is_empty(),
+        "{} of {} acknowledged writes missing (first: {:?}), {} wrong (first: {:?})",
+        missing.len(),
+        expected.len(),
+        missing.first(),
+        wrong.len(),
+        wrong.first()
+    );
+}
+
+/// The value of `basalt_raft_snapshots_total{event="EVENT"}` on node `id`.
+pub async fn snapshot_events(cluster: &LocalCluster, id: u64, event: &str) -> u64 {
+    let addr = cluster.metrics_addr(id).expect("node exists");
+    let text = basalt_bench::metrics_scrape::fetch_metrics(addr)
+        .await
+        .expect("metrics endpoint answers");
+    let prefix = format!("basalt_raft_snapshots_total{{event=\"{event}\"}}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse::<f64>().expect("a sample value is a number") as u64)
+        .unwrap_or(0)
+}
+
+/// Waits until node `id` reports an applied index of at least `index`.
+pub async fn wait_applied(cluster: &LocalCluster, id: u64, index: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut last = 0;
+    loop {
+        if let Ok(s) = cluster.cluster_status(id).await {
+            last = s.header.map_or(0, |h| h.applied_index);
+            if last >= index {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} applied only {last} of {index} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The leader's applied index, as the leader reports it.
+pub async fn applied_index(cluster: &LocalCluster, id: u64) -> u64 {
+    cluster
+        .cluster_status(id)
+        .await
+        .expect("node answers status")
+        .header
+        .map_or(0, |h| h.applied_index)
+}

@@ -1,0 +1,100 @@
+//! Replica life cycle against real `basaltd` processes: a node that missed compacted history
+//! catches up through a snapshot, and membership changes keep the cluster serving.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{applied_index, client, client_of, snapshot_events, start_cluster, verify, wait_applied, write_keys};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_down_while_the_log_is_compacted_catches_up_through_a_snapshot() {
+    let (cluster, leader) = start_cluster(3, Some(300)).await;
+    let c = client(&cluster, Duration::from_secs(20)).await;
+    let down = cluster
+        .node_ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("3 nodes have a follower");
+    let mut expected = write_keys(&c, "before", 100).await;
+    cluster.kill(down).expect("follower is running");
+
+    expected.extend(write_keys(&c, "while-down", 3000).await);
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await.expect("leader");
+    assert!(
+        snapshot_events(&cluster, leader, "built").await >= 1,
+        "the leader built a snapshot (and so compacted its log) while node {down} was down"
+    );
+    let target = applied_index(&cluster, leader).await;
+
+    cluster.restart(down).await.expect("the follower restarts");
+    wait_applied(&cluster, down, target, Duration::from_secs(30)).await;
+    assert!(
+        snapshot_events(&cluster, down, "installed").await >= 1,
+        "node {down} caught up by installing a snapshot, not from the log"
+    );
+
+    // Make the caught-up node the leader, so the reads below are served from its state machine.
+    c.transfer_leader(down)
+        .await
+        .expect("leadership moves to the caught-up node");
+    assert_eq!(
+        cluster.wait_for_leader(Duration::from_secs(5)).await.expect("leader"),
+        down
+    );
+    verify(
+        &client_of(cluster.endpoint(down).expect("node exists")).await,
+        &expected,
+    )
+    .await;
+    cluster.terminate_all().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fourth_member_joins_and_a_member_leaves_while_the_cluster_serves() {
+    let (cluster, leader) = start_cluster(3, None).await;
+    let c = client(&cluster, Duration::from_secs(20)).await;
+    let mut expected = write_keys(&c, "three", 200).await;
+
+    let endpoint = cluster.start_joining_node(4).await.expect("node 4 starts empty");
+    c.add_member(4, &endpoint).await.expect("node 4 is added");
+    let status = c.cluster_status().await.expect("status");
+    assert_eq!(status.members.len(), 4, "{status:?}");
+    assert!(status.members.iter().all(|m| m.voter), "every member votes: {status:?}");
+    expected.extend(write_keys(&c, "four", 200).await);
+
+    // Remove the leader itself: the hardest case, since it must hand over while leaving.
+    c.remove_member(leader).await.expect("the leader is removed");
+    // The removed leader hands over shortly after the change commits (openraft's step-down
+    // policy); until then it may still call itself leader.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cluster.wait_for_leader(Duration::from_secs(10)).await.expect("leader") == leader {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "removed node {leader} never stepped down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = c.cluster_status().await.expect("status");
+    let ids: Vec<u64> = status.members.iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 3, "{status:?}");
+    assert!(!ids.contains(&leader) && ids.contains(&4), "{status:?}");
+
+    expected.extend(write_keys(&c, "after-remove", 200).await);
+    // Node 4 holds everything: make it the leader and read there.
+    c.transfer_leader(4).await.expect("leadership moves to node 4");
+    verify(&client_of(endpoint).await, &expected).await;
+
+    // Unknown members are refused and change nothing.
+    assert!(c.remove_member(99).await.is_err(), "removing an unknown member fails");
+    assert!(
+        c.transfer_leader(99).await.is_err(),
+        "transferring to an unknown member fails"
+    );
+    assert_eq!(c.cluster_status().await.expect("status").members.len(), 3);
+    c.put(Bytes::from_static(b"still"), Bytes::from_static(b"serving"))
+        .await
+        .expect("the cluster keeps serving");
+    cluster.terminate_all().await.expect("clean shutdown");
+}
