@@ -15,11 +15,11 @@ use std::time::Duration;
 use basalt_client::{Client, ClientConfig, ClientError};
 use clap::{Parser, ValueEnum};
 
-use crate::duration_arg::parse_duration;
 use crate::local_cluster::{basaltd_path, ClusterError, LocalCluster, LocalClusterOptions};
 use crate::metrics_scrape::{fetch_metrics, parse_metric, ScrapeError};
 use crate::report::{BenchReport, LatencySummary, ServerStats};
 use crate::workload::{preload, run_closed_loop, value_of_size, KeySpace, LoadPlan, Window, Workload, WorkloadError};
+use basalt_client::cli::duration::{parse_duration, parse_duration_or_zero};
 
 const ENTRIES_PER_FSYNC_SUM: &str = "basalt_storage_entries_per_fsync_sum";
 const ENTRIES_PER_FSYNC_COUNT: &str = "basalt_storage_entries_per_fsync_count";
@@ -76,7 +76,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Load before measurement starts, not counted.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = parse_duration_or_zero)]
     pub warmup: Duration,
     /// Print the report as JSON.
     #[arg(long)]
@@ -337,11 +337,16 @@ mod tests {
             &["--local-cluster", "--clients", "0"][..],
             &["--local-cluster", "--clients", "2", "--connections", "3"],
             &["--local-cluster", "--connections", "0"],
-            &["--local-cluster", "--duration", "0s"],
         ] {
             assert!(parse(bad).unwrap().validate().is_err(), "{bad:?}");
         }
         assert!(parse(&["--local-cluster", "--duration", "ten"]).is_err());
+        assert!(parse(&["--local-cluster", "--duration", "0s"]).is_err());
+        assert_eq!(
+            parse(&["--local-cluster", "--warmup", "0s"]).unwrap().warmup,
+            Duration::ZERO,
+            "no warm-up is allowed"
+        );
     }
 
     #[test]

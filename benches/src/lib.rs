@@ -9,11 +9,9 @@
 //! - [`metrics_scrape`]: reads Prometheus text metrics over plain HTTP.
 //! - [`workload`], [`report`], [`bench`]: the closed-loop load generator behind `basalt-bench`.
 //! - [`demo`]: the guided failover walkthrough behind `basalt-demo`.
-//! - [`duration_arg`]: the `10s` / `250ms` command-line duration syntax both binaries accept.
 
 pub mod bench;
 pub mod demo;
-pub mod duration_arg;
 pub mod local_cluster;
 pub mod metrics_scrape;
 pub mod report;

@@ -84,6 +84,10 @@ pub(crate) fn classify(status: &Status) -> Disposition {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted | Code::Aborted => {
             Disposition::Retry
         }
+        // A status tonic built from a local transport failure (a connection reset mid-call, as
+        // when the node is killed) carries the cause as its `source`; a status a server sent never
+        // does. Retrying it is safe: reads repeat harmlessly and writes carry a session.
+        Code::Unknown if std::error::Error::source(status).is_some() => Disposition::Retry,
         _ => Disposition::Fail(error_from_status(status, detail)),
     }
 }
@@ -123,6 +127,15 @@ mod tests {
     use super::*;
     use basalt_proto::status_with_detail;
     use basalt_proto::v1::{Corruption, InvalidArgument, NotLeader, SessionExpired};
+
+    #[test]
+    fn local_transport_failures_are_retried_but_server_unknowns_are_not() {
+        let local = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert_eq!(local.code(), Code::Unknown);
+        assert_eq!(classify(&local), Disposition::Retry);
+        let remote = Status::unknown("a server said so");
+        assert!(matches!(classify(&remote), Disposition::Fail(_)));
+    }
 
     #[test]
     fn not_leader_with_hint_is_followed() {

@@ -6,7 +6,7 @@
 //! applied index, and marks members that did not answer as unreachable rather than guessing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use basalt_consensus::raft::network::PeerClients;
 use basalt_consensus::{GroupStatus, Replication, ReplicationError, Role};
@@ -18,7 +18,6 @@ use basalt_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::errors::to_status;
 use crate::forward::{is_forwarded, Forwarder};
 use crate::kv_service::header;
 use crate::limits::invalid;
@@ -79,18 +78,6 @@ impl AdminService {
         }
     }
 
-    async fn timed<T>(
-        &self,
-        method: &'static str,
-        f: impl std::future::Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<Response<T>, Status> {
-        let started = Instant::now();
-        let r = f.await;
-        let code = r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code());
-        self.metrics.observe(method, started, code);
-        r
-    }
-
     /// Runs a leader-only operation, forwarding it to the leader when this node is not.
     async fn on_leader<Req, Resp, F, Fut>(
         &self,
@@ -107,16 +94,13 @@ impl AdminService {
     {
         match result {
             Ok(()) => Ok(Response::new(ok())),
-            Err(ReplicationError::NotLeader {
-                leader_id,
-                leader_addr: Some(addr),
-            }) if !forwarded => {
-                self.metrics.forwarded(method);
+            Err(e) => {
                 self.forwarder
-                    .forward(leader_id, &addr, original, |ch, r| call(AdminClient::new(ch), r))
+                    .forward_not_leader(&self.metrics, method, e, original, forwarded, |ch, r| {
+                        call(AdminClient::new(ch), r)
+                    })
                     .await
             }
-            Err(e) => Err(to_status(e)),
         }
     }
 }
@@ -127,125 +111,128 @@ impl Admin for AdminService {
         &self,
         _req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        self.timed("cluster_status", async {
-            let local = self.group.status();
-            let probes = local.members.iter().map(|m| {
-                let (id, addr, voter) = (m.id, m.addr.clone(), m.voter);
-                let local = &local;
-                async move {
-                    if id == local.node_id {
-                        return (Self::local_member(local, id, addr, voter), None);
+        self.metrics
+            .timed("admin", self.group.status().node_id, "cluster_status", async {
+                let local = self.group.status();
+                let probes = local.members.iter().map(|m| {
+                    let (id, addr, voter) = (m.id, m.addr.clone(), m.voter);
+                    let local = &local;
+                    async move {
+                        if id == local.node_id {
+                            return (Self::local_member(local, id, addr, voter), None);
+                        }
+                        match self.probe(id, &addr, local.group_id).await {
+                            Some(r) => (
+                                Member {
+                                    id,
+                                    address: addr,
+                                    role: r.role,
+                                    term: r.term,
+                                    applied_index: r.applied_index,
+                                    voter,
+                                },
+                                Some(r),
+                            ),
+                            None => (
+                                Member {
+                                    id,
+                                    address: addr,
+                                    role: PbRole::Unreachable as i32,
+                                    term: 0,
+                                    applied_index: 0,
+                                    voter,
+                                },
+                                None,
+                            ),
+                        }
                     }
-                    match self.probe(id, &addr, local.group_id).await {
-                        Some(r) => (
-                            Member {
-                                id,
-                                address: addr,
-                                role: r.role,
-                                term: r.term,
-                                applied_index: r.applied_index,
-                                voter,
-                            },
-                            Some(r),
-                        ),
-                        None => (
-                            Member {
-                                id,
-                                address: addr,
-                                role: PbRole::Unreachable as i32,
-                                term: 0,
-                                applied_index: 0,
-                                voter,
-                            },
-                            None,
-                        ),
+                });
+                let results = futures::future::join_all(probes).await;
+                // Prefer the leader's own word for who leads and how far it has committed.
+                let mut leader_id = local.leader_id.unwrap_or(0);
+                let mut commit_index = local.commit_index;
+                for (m, r) in &results {
+                    if m.role == PbRole::Leader as i32 {
+                        leader_id = m.id;
+                        if let Some(r) = r {
+                            commit_index = r.commit_index;
+                        }
                     }
                 }
-            });
-            let results = futures::future::join_all(probes).await;
-            // Prefer the leader's own word for who leads and how far it has committed.
-            let mut leader_id = local.leader_id.unwrap_or(0);
-            let mut commit_index = local.commit_index;
-            for (m, r) in &results {
-                if m.role == PbRole::Leader as i32 {
-                    leader_id = m.id;
-                    if let Some(r) = r {
-                        commit_index = r.commit_index;
-                    }
+                if local.role == Role::Leader {
+                    leader_id = local.node_id;
+                    commit_index = local.commit_index;
                 }
-            }
-            if local.role == Role::Leader {
-                leader_id = local.node_id;
-                commit_index = local.commit_index;
-            }
-            Ok(Response::new(ClusterStatusResponse {
-                header: Some(header(self.group.as_ref())),
-                leader_id,
-                members: results.into_iter().map(|(m, _)| m).collect(),
-                commit_index,
-            }))
-        })
-        .await
+                Ok(Response::new(ClusterStatusResponse {
+                    header: Some(header(self.group.as_ref())),
+                    leader_id,
+                    members: results.into_iter().map(|(m, _)| m).collect(),
+                    commit_index,
+                }))
+            })
+            .await
     }
 
     async fn add_member(&self, req: Request<AddMemberRequest>) -> Result<Response<AddMemberResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        self.timed("add_member", async {
-            if req.id == 0 {
-                return Err(invalid("id", "node ids start at 1"));
-            }
-            if req.address.parse::<std::net::SocketAddr>().is_err() {
-                return Err(invalid(
-                    "address",
-                    format!("{:?} is not an IP:PORT address", req.address),
-                ));
-            }
-            let r = self.group.add_member(req.id, req.address.clone()).await;
-            if r.is_ok() {
-                tracing::info!(id = req.id, addr = %req.address, "member added");
-            }
-            let g = self.group.clone();
-            self.on_leader(
-                "add_member",
-                r,
-                req,
-                forwarded,
-                |mut c, r| async move { c.add_member(r).await },
-                || AddMemberResponse {
-                    header: Some(header(g.as_ref())),
-                },
-            )
+        self.metrics
+            .timed("admin", self.group.status().node_id, "add_member", async {
+                if req.id == 0 {
+                    return Err(invalid("id", "node ids start at 1"));
+                }
+                if req.address.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(invalid(
+                        "address",
+                        format!("{:?} is not an IP:PORT address", req.address),
+                    ));
+                }
+                let r = self.group.add_member(req.id, req.address.clone()).await;
+                if r.is_ok() {
+                    tracing::info!(id = req.id, addr = %req.address, "member added");
+                }
+                let g = self.group.clone();
+                self.on_leader(
+                    "add_member",
+                    r,
+                    req,
+                    forwarded,
+                    |mut c, r| async move { c.add_member(r).await },
+                    || AddMemberResponse {
+                        header: Some(header(g.as_ref())),
+                    },
+                )
+                .await
+            })
             .await
-        })
-        .await
     }
 
     async fn remove_member(&self, req: Request<RemoveMemberRequest>) -> Result<Response<RemoveMemberResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        self.timed("remove_member", async {
-            if req.id == 0 {
-                return Err(invalid("id", "node ids start at 1"));
-            }
-            let r = self.group.remove_member(req.id).await;
-            if r.is_ok() {
-                tracing::info!(id = req.id, "member removed");
-            }
-            let g = self.group.clone();
-            self.on_leader(
-                "remove_member",
-                r,
-                req,
-                forwarded,
-                |mut c, r| async move { c.remove_member(r).await },
-                || RemoveMemberResponse {
-                    header: Some(header(g.as_ref())),
-                },
-            )
+        self.metrics
+            .timed("admin", self.group.status().node_id, "remove_member", async {
+                if req.id == 0 {
+                    return Err(invalid("id", "node ids start at 1"));
+                }
+                let r = self.group.remove_member(req.id).await;
+                if r.is_ok() {
+                    tracing::info!(id = req.id, "member removed");
+                }
+                let g = self.group.clone();
+                self.on_leader(
+                    "remove_member",
+                    r,
+                    req,
+                    forwarded,
+                    |mut c, r| async move { c.remove_member(r).await },
+                    || RemoveMemberResponse {
+                        header: Some(header(g.as_ref())),
+                    },
+                )
+                .await
+            })
             .await
-        })
-        .await
     }
 
     async fn transfer_leader(
@@ -254,24 +241,25 @@ impl Admin for AdminService {
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        self.timed("transfer_leader", async {
-            if req.to == 0 {
-                return Err(invalid("to", "node ids start at 1"));
-            }
-            let r = self.group.transfer_leader(req.to).await;
-            let g = self.group.clone();
-            self.on_leader(
-                "transfer_leader",
-                r,
-                req,
-                forwarded,
-                |mut c, r| async move { c.transfer_leader(r).await },
-                || TransferLeaderResponse {
-                    header: Some(header(g.as_ref())),
-                },
-            )
+        self.metrics
+            .timed("admin", self.group.status().node_id, "transfer_leader", async {
+                if req.to == 0 {
+                    return Err(invalid("to", "node ids start at 1"));
+                }
+                let r = self.group.transfer_leader(req.to).await;
+                let g = self.group.clone();
+                self.on_leader(
+                    "transfer_leader",
+                    r,
+                    req,
+                    forwarded,
+                    |mut c, r| async move { c.transfer_leader(r).await },
+                    || TransferLeaderResponse {
+                        header: Some(header(g.as_ref())),
+                    },
+                )
+                .await
+            })
             .await
-        })
-        .await
     }
 }

@@ -10,10 +10,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use basalt_consensus::raft::network::PeerClients;
+use basalt_consensus::ReplicationError;
 use basalt_proto::v1::NotLeader;
 use basalt_proto::{status_with_detail, ErrorKind};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+
+use crate::errors::to_status;
+use crate::metrics::ServerMetrics;
 
 /// Metadata key that marks a request as already forwarded once.
 pub const FORWARDED_HEADER: &str = "x-basalt-forwarded";
@@ -63,6 +67,34 @@ impl Forwarder {
                 }),
             )),
             r => r,
+        }
+    }
+
+    /// What a service does when its group refuses a request: a `NotLeader` that names the
+    /// leader's address is forwarded there, unless `forwarded` says this request already took its
+    /// one hop; every other error becomes its status.
+    pub async fn forward_not_leader<Req, Resp, F, Fut>(
+        &self,
+        metrics: &ServerMetrics,
+        method: &'static str,
+        error: ReplicationError,
+        original: Req,
+        forwarded: bool,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(Channel, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        match error {
+            ReplicationError::NotLeader {
+                leader_id,
+                leader_addr: Some(addr),
+            } if !forwarded => {
+                metrics.forwarded(method);
+                self.forward(leader_id, &addr, original, call).await
+            }
+            e => Err(to_status(e)),
         }
     }
 }

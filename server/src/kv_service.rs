@@ -8,10 +8,7 @@
 //! Keys and values arrive as `Bytes` and are copied once into the proposed command, which the log
 //! needs to own anyway.
 
-use std::sync::Arc;
-use std::time::Instant;
-
-use basalt_consensus::{Replication, ReplicationError};
+use basalt_consensus::Replication;
 use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::kv_server::Kv;
 use basalt_proto::v1::{
@@ -21,8 +18,8 @@ use basalt_proto::v1::{
 };
 use basalt_proto::{status_with_detail, ErrorKind};
 use basalt_storage::{Command, WriteRequest, WriteResponse};
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::errors::to_status;
 use crate::forward::{is_forwarded, Forwarder};
@@ -68,24 +65,7 @@ impl KvService {
         }
     }
 
-    /// Runs one call with its span and metrics.
-    async fn timed<T>(
-        &self,
-        method: &'static str,
-        f: impl std::future::Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<Response<T>, Status> {
-        let started = Instant::now();
-        let span = tracing::info_span!("kv", method, node = self.group.status().node_id);
-        let r = f.instrument(span).await;
-        let code = r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code());
-        if code != tonic::Code::Ok && code != tonic::Code::InvalidArgument {
-            tracing::debug!(method, ?code, "request failed");
-        }
-        self.metrics.observe(method, started, code);
-        r
-    }
-
-    /// Proposes `cmd`; on a follower forwards `original` to the leader through `call`.
+    /// Proposes `cmd`; on a follower forwards `original` to the leader through `call` instead.
     async fn write<Req, Resp, F, Fut>(
         &self,
         method: &'static str,
@@ -100,22 +80,18 @@ impl KvService {
     {
         match self.group.propose(cmd).await {
             Ok(r) => Ok(Ok(r)),
-            Err(ReplicationError::NotLeader {
-                leader_id,
-                leader_addr: Some(addr),
-            }) if !forwarded => {
-                self.metrics.forwarded(method);
-                let resp = self
-                    .forwarder
-                    .forward(leader_id, &addr, original, |ch, r| call(KvClient::new(ch), r))
-                    .await?;
-                Ok(Err(resp))
-            }
-            Err(e) => Err(to_status(e)),
+            Err(e) => self
+                .forwarder
+                .forward_not_leader(&self.metrics, method, e, original, forwarded, |ch, r| {
+                    call(KvClient::new(ch), r)
+                })
+                .await
+                .map(Err),
         }
     }
 
-    /// Passes a read barrier; on a follower forwards `original` to the leader instead.
+    /// Passes a read barrier (then the caller reads locally); on a follower forwards `original`
+    /// to the leader instead and returns its answer.
     async fn read<Req, Resp, F, Fut>(
         &self,
         method: &'static str,
@@ -129,18 +105,13 @@ impl KvService {
     {
         match self.group.read_barrier().await {
             Ok(_) => Ok(None),
-            Err(ReplicationError::NotLeader {
-                leader_id,
-                leader_addr: Some(addr),
-            }) if !forwarded => {
-                self.metrics.forwarded(method);
-                let resp = self
-                    .forwarder
-                    .forward(leader_id, &addr, original, |ch, r| call(KvClient::new(ch), r))
-                    .await?;
-                Ok(Some(resp))
-            }
-            Err(e) => Err(to_status(e)),
+            Err(e) => self
+                .forwarder
+                .forward_not_leader(&self.metrics, method, e, original, forwarded, |ch, r| {
+                    call(KvClient::new(ch), r)
+                })
+                .await
+                .map(Some),
         }
     }
 }
@@ -150,117 +121,121 @@ impl Kv for KvService {
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        self.timed("put", async {
-            check_key("key", &req.key)?;
-            check_value("value", &req.value)?;
-            let cmd = WriteRequest {
-                session: check_session(req.session.as_ref())?,
-                command: Command::Put {
-                    key: req.key.to_vec(),
-                    value: req.value.to_vec(),
-                },
-            };
-            let session = req.session;
-            match self
-                .write(
-                    "put",
-                    cmd,
-                    req.clone(),
-                    forwarded,
-                    |mut c, r| async move { c.put(r).await },
-                )
-                .await?
-            {
-                Ok(WriteResponse::Put) => Ok(Response::new(PutResponse {
-                    header: Some(header(self.group.as_ref())),
-                })),
-                Ok(WriteResponse::SessionExpired) => Err(session_expired(session.as_ref())),
-                Ok(other) => Err(unexpected("put", other)),
-                Err(forwarded) => Ok(forwarded),
-            }
-        })
-        .await
+        self.metrics
+            .timed("kv", self.group.status().node_id, "put", async {
+                check_key("key", &req.key)?;
+                check_value("value", &req.value)?;
+                let cmd = WriteRequest {
+                    session: check_session(req.session.as_ref())?,
+                    command: Command::Put {
+                        key: req.key.to_vec(),
+                        value: req.value.to_vec(),
+                    },
+                };
+                let session = req.session;
+                match self
+                    .write(
+                        "put",
+                        cmd,
+                        req.clone(),
+                        forwarded,
+                        |mut c, r| async move { c.put(r).await },
+                    )
+                    .await?
+                {
+                    Ok(WriteResponse::Put) => Ok(Response::new(PutResponse {
+                        header: Some(header(self.group.as_ref())),
+                    })),
+                    Ok(WriteResponse::SessionExpired) => Err(session_expired(session.as_ref())),
+                    Ok(other) => Err(unexpected("put", other)),
+                    Err(forwarded) => Ok(forwarded),
+                }
+            })
+            .await
     }
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        self.timed("get", async {
-            check_key("key", &req.key)?;
-            if let Some(resp) = self
-                .read("get", req.clone(), forwarded, |mut c, r| async move { c.get(r).await })
-                .await?
-            {
-                return Ok(resp);
-            }
-            let value = self.group.reader().get(&req.key).map_err(to_status)?;
-            Ok(Response::new(GetResponse {
-                header: Some(header(self.group.as_ref())),
-                value: value.map(Into::into),
-            }))
-        })
-        .await
+        self.metrics
+            .timed("kv", self.group.status().node_id, "get", async {
+                check_key("key", &req.key)?;
+                if let Some(resp) = self
+                    .read("get", req.clone(), forwarded, |mut c, r| async move { c.get(r).await })
+                    .await?
+                {
+                    return Ok(resp);
+                }
+                let value = self.group.reader().get(&req.key).map_err(to_status)?;
+                Ok(Response::new(GetResponse {
+                    header: Some(header(self.group.as_ref())),
+                    value: value.map(Into::into),
+                }))
+            })
+            .await
     }
 
     async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        self.timed("delete", async {
-            check_key("key", &req.key)?;
-            let cmd = WriteRequest {
-                session: check_session(req.session.as_ref())?,
-                command: Command::Delete { key: req.key.to_vec() },
-            };
-            let session = req.session;
-            match self
-                .write("delete", cmd, req.clone(), forwarded, |mut c, r| async move {
-                    c.delete(r).await
-                })
-                .await?
-            {
-                Ok(WriteResponse::Delete { existed }) => Ok(Response::new(DeleteResponse {
-                    header: Some(header(self.group.as_ref())),
-                    existed,
-                })),
-                Ok(WriteResponse::SessionExpired) => Err(session_expired(session.as_ref())),
-                Ok(other) => Err(unexpected("delete", other)),
-                Err(forwarded) => Ok(forwarded),
-            }
-        })
-        .await
+        self.metrics
+            .timed("kv", self.group.status().node_id, "delete", async {
+                check_key("key", &req.key)?;
+                let cmd = WriteRequest {
+                    session: check_session(req.session.as_ref())?,
+                    command: Command::Delete { key: req.key.to_vec() },
+                };
+                let session = req.session;
+                match self
+                    .write("delete", cmd, req.clone(), forwarded, |mut c, r| async move {
+                        c.delete(r).await
+                    })
+                    .await?
+                {
+                    Ok(WriteResponse::Delete { existed }) => Ok(Response::new(DeleteResponse {
+                        header: Some(header(self.group.as_ref())),
+                        existed,
+                    })),
+                    Ok(WriteResponse::SessionExpired) => Err(session_expired(session.as_ref())),
+                    Ok(other) => Err(unexpected("delete", other)),
+                    Err(forwarded) => Ok(forwarded),
+                }
+            })
+            .await
     }
 
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        self.timed("scan", async {
-            let limit = check_scan(&req.start, &req.end, req.limit)?;
-            if let Some(resp) = self
-                .read(
-                    "scan",
-                    req.clone(),
-                    forwarded,
-                    |mut c, r| async move { c.scan(r).await },
-                )
-                .await?
-            {
-                return Ok(resp);
-            }
-            let end = (!req.end.is_empty()).then_some(&req.end[..]);
-            let (kvs, more) = self.group.reader().scan(&req.start, end, limit).map_err(to_status)?;
-            Ok(Response::new(ScanResponse {
-                header: Some(header(self.group.as_ref())),
-                kvs: kvs
-                    .into_iter()
-                    .map(|(k, v)| KeyValue {
-                        key: k.into(),
-                        value: v.into(),
-                    })
-                    .collect(),
-                more,
-            }))
-        })
-        .await
+        self.metrics
+            .timed("kv", self.group.status().node_id, "scan", async {
+                let limit = check_scan(&req.start, &req.end, req.limit)?;
+                if let Some(resp) = self
+                    .read(
+                        "scan",
+                        req.clone(),
+                        forwarded,
+                        |mut c, r| async move { c.scan(r).await },
+                    )
+                    .await?
+                {
+                    return Ok(resp);
+                }
+                let end = (!req.end.is_empty()).then_some(&req.end[..]);
+                let (kvs, more) = self.group.reader().scan(&req.start, end, limit).map_err(to_status)?;
+                Ok(Response::new(ScanResponse {
+                    header: Some(header(self.group.as_ref())),
+                    kvs: kvs
+                        .into_iter()
+                        .map(|(k, v)| KeyValue {
+                            key: k.into(),
+                            value: v.into(),
+                        })
+                        .collect(),
+                    more,
+                }))
+            })
+            .await
     }
 
     async fn compare_and_swap(
@@ -269,50 +244,53 @@ impl Kv for KvService {
     ) -> Result<Response<CompareAndSwapResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        self.timed("compare_and_swap", async {
-            check_key("key", &req.key)?;
-            check_value("new_value", &req.new_value)?;
-            let expected = match &req.expected {
-                Some(Expected::ExpectedValue(v)) => {
-                    check_value("expected_value", v)?;
-                    Some(v.to_vec())
+        self.metrics
+            .timed("kv", self.group.status().node_id, "compare_and_swap", async {
+                check_key("key", &req.key)?;
+                check_value("new_value", &req.new_value)?;
+                let expected = match &req.expected {
+                    Some(Expected::ExpectedValue(v)) => {
+                        check_value("expected_value", v)?;
+                        Some(v.to_vec())
+                    }
+                    Some(Expected::ExpectAbsent(true)) => None,
+                    Some(Expected::ExpectAbsent(false)) => {
+                        return Err(invalid("expect_absent", "must be true when set"));
+                    }
+                    None => {
+                        return Err(invalid(
+                            "expected",
+                            "one of expected_value or expect_absent is required",
+                        ))
+                    }
+                };
+                let cmd = WriteRequest {
+                    session: check_session(req.session.as_ref())?,
+                    command: Command::CompareAndSwap {
+                        key: req.key.to_vec(),
+                        expected,
+                        new_value: req.new_value.to_vec(),
+                    },
+                };
+                let session = req.session;
+                match self
+                    .write("compare_and_swap", cmd, req.clone(), forwarded, |mut c, r| async move {
+                        c.compare_and_swap(r).await
+                    })
+                    .await?
+                {
+                    Ok(WriteResponse::CompareAndSwap { succeeded, current }) => {
+                        Ok(Response::new(CompareAndSwapResponse {
+                            header: Some(header(self.group.as_ref())),
+                            succeeded,
+                            current_value: current.map(Into::into),
+                        }))
+                    }
+                    Ok(WriteResponse::SessionExpired) => Err(session_expired(session.as_ref())),
+                    Ok(other) => Err(unexpected("compare_and_swap", other)),
+                    Err(forwarded) => Ok(forwarded),
                 }
-                Some(Expected::ExpectAbsent(true)) => None,
-                Some(Expected::ExpectAbsent(false)) => {
-                    return Err(invalid("expect_absent", "must be true when set"));
-                }
-                None => {
-                    return Err(invalid(
-                        "expected",
-                        "one of expected_value or expect_absent is required",
-                    ))
-                }
-            };
-            let cmd = WriteRequest {
-                session: check_session(req.session.as_ref())?,
-                command: Command::CompareAndSwap {
-                    key: req.key.to_vec(),
-                    expected,
-                    new_value: req.new_value.to_vec(),
-                },
-            };
-            let session = req.session;
-            match self
-                .write("compare_and_swap", cmd, req.clone(), forwarded, |mut c, r| async move {
-                    c.compare_and_swap(r).await
-                })
-                .await?
-            {
-                Ok(WriteResponse::CompareAndSwap { succeeded, current }) => Ok(Response::new(CompareAndSwapResponse {
-                    header: Some(header(self.group.as_ref())),
-                    succeeded,
-                    current_value: current.map(Into::into),
-                })),
-                Ok(WriteResponse::SessionExpired) => Err(session_expired(session.as_ref())),
-                Ok(other) => Err(unexpected("compare_and_swap", other)),
-                Err(forwarded) => Ok(forwarded),
-            }
-        })
-        .await
+            })
+            .await
     }
 }

@@ -75,6 +75,27 @@ impl ServerMetrics {
         self.requests.with_label_values(&[method, code_name(code)]).inc();
     }
 
+    /// Runs one gRPC call inside a span, counting it by method and status code and timing it.
+    /// Failures other than bad input are logged at debug: they are normal during elections
+    /// (the client retries), and the counters show their rate.
+    pub async fn timed<T>(
+        &self,
+        service: &'static str,
+        node: u64,
+        method: &'static str,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<tonic::Response<T>, tonic::Status> {
+        let started = Instant::now();
+        let span = tracing::info_span!("request", service, method, node);
+        let r = tracing::Instrument::instrument(f, span).await;
+        let code = r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code());
+        if code != tonic::Code::Ok && code != tonic::Code::InvalidArgument {
+            tracing::debug!(service, method, ?code, "request failed");
+        }
+        self.observe(method, started, code);
+        r
+    }
+
     pub fn forwarded(&self, method: &str) {
         self.forwarded.with_label_values(&[method]).inc();
     }

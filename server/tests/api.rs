@@ -48,6 +48,16 @@ async fn dump(kv: &mut KvClient<Channel>) -> Vec<(Bytes, Bytes)> {
     r.kvs.into_iter().map(|p| (p.key, p.value)).collect()
 }
 
+async fn value_of(kv: &mut KvClient<Channel>, key: &'static [u8]) -> Option<Bytes> {
+    kv.get(GetRequest {
+        key: Bytes::from_static(key),
+    })
+    .await
+    .expect("get")
+    .into_inner()
+    .value
+}
+
 fn assert_invalid<T: std::fmt::Debug>(r: Result<T, tonic::Status>, field: &str) {
     let status = r.expect_err("the request must be refused");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -187,15 +197,7 @@ async fn a_retried_compare_and_swap_applies_once_even_through_another_node() {
         assert_eq!(retry.current_value, first.current_value);
     }
     // Applied once: the value is 1, and the session's next CAS (1 -> 2) is a new operation.
-    let value = at_leader
-        .get(GetRequest {
-            key: Bytes::from_static(b"counter"),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .value;
-    assert_eq!(value.as_deref(), Some(&b"1"[..]));
+    assert_eq!(value_of(&mut at_leader, b"counter").await.as_deref(), Some(&b"1"[..]));
     let next = CompareAndSwapRequest {
         expected: Some(Expected::ExpectedValue(Bytes::from_static(b"1"))),
         new_value: Bytes::from_static(b"2"),
@@ -220,15 +222,7 @@ async fn a_retried_compare_and_swap_applies_once_even_through_another_node() {
         .await
         .expect_err("a duplicate behind acked_through");
     assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
-    let value = at_leader
-        .get(GetRequest {
-            key: Bytes::from_static(b"counter"),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .value;
-    assert_eq!(value.as_deref(), Some(&b"2"[..]));
+    assert_eq!(value_of(&mut at_leader, b"counter").await.as_deref(), Some(&b"2"[..]));
     cluster.terminate_all().await.expect("clean shutdown");
 }
 

@@ -1,14 +1,15 @@
-//! Parsing human durations for `--timeout` (`10s`, `500ms`, `1.5s`, `2m`, `1h`; a bare number is
-//! seconds).
+//! Parsing human durations for the command-line tools (`basaltctl --timeout`, `basalt-bench
+//! --duration`/`--warmup`): `10s`, `500ms`, `1.5s`, `2m`, `1h`; a bare number is seconds.
 //!
-//! Invariant: a parsed duration is greater than zero, because a zero timeout could never succeed
-//! and is almost certainly a typo; rejecting it here reports it as a usage error (exit 2) rather
-//! than as a failed call.
+//! Invariant of [`parse_duration`]: the result is greater than zero, because a zero timeout or
+//! measurement window could never succeed and is almost certainly a typo; rejecting it here
+//! reports it as a usage error (exit 2) rather than as a failed run. Only settings for which zero
+//! means "none" (a warm-up) use [`parse_duration_or_zero`].
 
 use std::time::Duration;
 
-/// Parses a duration argument; the error text is shown by clap after "invalid value".
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+/// Parses a duration that may be zero; the error text is shown by clap after "invalid value".
+pub fn parse_duration_or_zero(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
     let split = raw
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -28,9 +29,14 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let value: f64 = number
         .parse()
         .map_err(|_| format!("{raw:?} is not a duration (e.g. 10s, 500ms, 2m)"))?;
-    let duration = Duration::try_from_secs_f64(value * scale).map_err(|_| format!("{raw:?} is out of range"))?;
+    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("{raw:?} is out of range"))
+}
+
+/// Parses a duration that must be greater than zero (see the module invariant).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let duration = parse_duration_or_zero(raw)?;
     if duration.is_zero() {
-        return Err("the timeout must be greater than zero".into());
+        return Err("the duration must be greater than zero".into());
     }
     Ok(duration)
 }
@@ -48,6 +54,13 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration(" 7 s "), Ok(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn zero_only_where_allowed() {
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration_or_zero("-1s").is_err());
     }
 
     #[test]
