@@ -1,6 +1,7 @@
-//! Crash tests against real `basaltd` processes: SIGKILL gives a node no chance to flush, so these
-//! check that acknowledgement really waits for a durable quorum, and that restarts resume from the
-//! data directory instead of bootstrapping again.
+//! Failover against real `basaltd` processes: SIGKILL of the leader under load. SIGKILL gives the
+//! node no chance to flush, so this checks that acknowledgement waits for a durable quorum, and it
+//! times how long the cluster is without a leader. It is alone in its test binary (cargo runs test
+//! binaries one after another) so that the timing is not distorted by other tests' clusters.
 
 mod common;
 
@@ -23,6 +24,7 @@ async fn sigkill_of_the_leader_under_load_loses_no_acknowledged_write() {
     // answers NotLeader with a hint as soon as it knows the new leader.
     let mut cfg = cluster.client_config();
     cfg.attempt_timeout = Duration::from_millis(300);
+    cfg.backoff_max = Duration::from_millis(100);
     cfg.deadline = Duration::from_secs(10);
     let probe = basalt_client::Client::connect(cfg).await.expect("valid config");
     probe
@@ -60,47 +62,4 @@ async fn sigkill_of_the_leader_under_load_loses_no_acknowledged_write() {
     assert!(after == new_leader || after == old_leader);
     verify(&c, &result.acked).await;
     cluster.terminate_all().await.expect("clean shutdown");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_of_every_node_mid_load_then_restart_keeps_every_acknowledged_write() {
-    let (cluster, _) = start_cluster(3, None).await;
-    let c = client(&cluster, Duration::from_secs(3)).await;
-    let load = Load::start(&c, 6, "kill-all");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for id in cluster.node_ids() {
-        cluster.kill(id).expect("node is running");
-    }
-    let result = load.finish().await;
-    assert!(result.acked.len() > 100, "the load made progress: {result:?}");
-
-    for id in cluster.node_ids() {
-        cluster
-            .restart(id)
-            .await
-            .expect("node restarts from its data directory");
-    }
-    cluster
-        .wait_for_leader(Duration::from_secs(15))
-        .await
-        .expect("the restarted cluster elects a leader");
-    let c = client(&cluster, Duration::from_secs(20)).await;
-    verify(&c, &result.acked).await;
-    // The restarted cluster is the old one (not a fresh bootstrap) and still accepts writes.
-    c.put(Bytes::from_static(b"after-restart"), Bytes::from_static(b"1"))
-        .await
-        .expect("writes after the restart");
-    let status = c.cluster_status().await.expect("status");
-    assert_eq!(status.members.len(), 3);
-    for id in cluster.node_ids() {
-        let log = std::fs::read_to_string(cluster.log_path(id).expect("node")).expect("node log");
-        assert!(
-            log.matches("bootstrapped a new cluster").count() <= 1,
-            "node {id} bootstrapped again on restart"
-        );
-    }
-    let exits = cluster.terminate_all().await.expect("clean shutdown");
-    for (id, status) in exits {
-        assert!(status.success(), "node {id} exited with {status} on SIGTERM");
-    }
 }

@@ -40,8 +40,8 @@ use crate::{
 /// Settings of one replica. Timing defaults suit a LAN or loopback. A dead leader is replaced in
 /// about one to two election timeouts: followers refuse to vote while their leader lease (openraft
 /// sets it to `election_timeout_max`) is still running, so the first candidate may be turned away
-/// once. With 400–800 ms that stays well inside the 3 seconds clients are promised, while 8
-/// missed heartbeats are needed before a healthy leader is challenged.
+/// once. With 300–600 ms that is about one second, well inside the 3 seconds clients are
+/// promised, while 6 missed heartbeats are needed before a healthy leader is challenged.
 #[derive(Debug, Clone)]
 pub struct RaftGroupConfig {
     pub node_id: u64,
@@ -68,8 +68,8 @@ impl RaftGroupConfig {
             keyspace,
             snapshot_dir,
             heartbeat_interval: Duration::from_millis(50),
-            election_timeout_min: Duration::from_millis(400),
-            election_timeout_max: Duration::from_millis(800),
+            election_timeout_min: Duration::from_millis(300),
+            election_timeout_max: Duration::from_millis(600),
             snapshot_threshold: 10_000,
             logs_kept_after_snapshot: 1_000,
             request_timeout: Duration::from_secs(5),

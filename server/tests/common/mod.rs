@@ -24,16 +24,41 @@ pub fn basaltd() -> &'static str {
     env!("CARGO_BIN_EXE_basaltd")
 }
 
-/// Starts `nodes` processes and waits for a leader.
+/// Starts `nodes` processes and waits until they agree on a leader.
+///
+/// Every founding member starts an election at once, so the first leader can be deposed a moment
+/// later by a candidate of a higher term. Tests that address one node directly need the leader
+/// to stay put, hence the wait for every node to report the same leader in the same term.
 pub async fn start_cluster(nodes: usize, snapshot_threshold: Option<u64>) -> (LocalCluster, u64) {
     let mut opts = LocalClusterOptions::new(nodes, basaltd());
     opts.snapshot_threshold = snapshot_threshold;
     let cluster = LocalCluster::start(opts).await.expect("cluster starts");
-    let leader = cluster
-        .wait_for_leader(Duration::from_secs(15))
-        .await
-        .expect("a leader is elected");
+    let leader = settled_leader(&cluster, Duration::from_secs(15)).await;
     (cluster, leader)
+}
+
+/// Waits until every node names the same leader in the same term, twice in a row 200 ms apart.
+pub async fn settled_leader(cluster: &LocalCluster, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    let mut previous = None;
+    loop {
+        let mut views = Vec::new();
+        for id in cluster.node_ids() {
+            if let Ok(s) = cluster.cluster_status(id).await {
+                views.push((s.leader_id, s.header.map_or(0, |h| h.term)));
+            }
+        }
+        let agreed = views.len() == cluster.node_ids().len() && views[0].0 != 0 && views.iter().all(|v| *v == views[0]);
+        if agreed && previous == Some(views[0]) {
+            return views[0].0;
+        }
+        previous = agreed.then(|| views[0]);
+        assert!(
+            Instant::now() < deadline,
+            "no settled leader within {timeout:?}: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A client of every node of `cluster` whose calls give up after `deadline`.
