@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's checks, exactly as CI runs them: formatting, clippy with warnings denied, and
 # every test (unit, property, and integration tests against real basaltd processes).
-# Long simulations and soak runs are opt-in (see README); this run stays well under 40 minutes
-# on 2 cores with a warm cache.
+# About a minute with a warm build cache; a cold one adds the RocksDB build (~11 minutes on 2
+# cores). Anything long (simulation sweeps, soak runs) must stay opt-in to keep CI lean.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh

@@ -6,6 +6,9 @@
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
+/// The kinds of snapshot event counted in `basalt_raft_snapshots_total{event}`.
+pub const SNAPSHOT_EVENTS: [&str; 6] = ["built", "sent", "send_failed", "received", "receive_rejected", "installed"];
+
 #[derive(Clone)]
 pub struct ConsensusMetrics {
     /// Snapshot events by kind: built, sent, received, installed, send_failed, receive_rejected.
@@ -24,7 +27,7 @@ impl ConsensusMetrics {
 
     /// Metrics that count but are not exported (tests, tools).
     pub fn unregistered() -> prometheus::Result<Self> {
-        Ok(Self {
+        let m = Self {
             snapshots: IntCounterVec::new(
                 Opts::new("basalt_raft_snapshots_total", "Snapshot events by kind"),
                 &["event"],
@@ -33,7 +36,13 @@ impl ConsensusMetrics {
                 "basalt_raft_corrupt_messages_total",
                 "Peer messages rejected for a bad checksum or encoding",
             )?,
-        })
+        };
+        // Every event is exported from the start, at 0, so a dashboard can tell "none yet" from
+        // "not reported" and rate() has a baseline.
+        for event in SNAPSHOT_EVENTS {
+            m.snapshots.with_label_values(&[event]);
+        }
+        Ok(m)
     }
 
     pub fn snapshot_event(&self, event: &str) {
