@@ -7,7 +7,14 @@
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
 /// The kinds of snapshot event counted in `basalt_raft_snapshots_total{event}`.
-pub const SNAPSHOT_EVENTS: [&str; 6] = ["built", "sent", "send_failed", "received", "receive_rejected", "installed"];
+pub const SNAPSHOT_EVENTS: [&str; 6] = [
+    "built",
+    "sent",
+    "send_failed",
+    "received",
+    "receive_rejected",
+    "installed",
+];
 
 #[derive(Clone)]
 pub struct ConsensusMetrics {
