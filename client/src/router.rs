@@ -150,7 +150,15 @@ impl Router {
                 state.preferred = Some(target);
                 Some(target)
             }
-            _ => {
+            // The node names itself: it won an election while handling the attempt (a follower
+            // abandons a forward once leadership moves, possibly to itself). Ask it again after
+            // the usual backoff instead of rotating onto nodes that may be down.
+            Some(_) => {
+                state.attribute(index, leader_id);
+                state.preferred = Some(index);
+                None
+            }
+            None => {
                 state.rotate_past(index);
                 None
             }
@@ -292,12 +300,19 @@ mod tests {
         assert_eq!(r.on_not_leader(0, 0, ""), None);
         assert_eq!(r.leader_id(), None);
         assert_eq!(r.target().addr, "b:2");
-        // A hint naming the node that answered it.
-        assert_eq!(r.on_not_leader(1, 3, "b:2"), None);
-        assert_eq!(r.target().addr, "a:1");
         // A malformed address with an unknown id.
-        assert_eq!(r.on_not_leader(0, 4, "not an address"), None);
+        assert_eq!(r.on_not_leader(1, 4, "not an address"), None);
+        assert_eq!(r.target().addr, "a:1");
+    }
+
+    #[tokio::test]
+    async fn a_node_naming_itself_leader_is_asked_again() {
+        let r = router(&["a:1", "b:2"]);
+        // b:2 became leader while handling the attempt: no immediate redirect (the caller backs
+        // off), and b:2 stays the target rather than rotating to a:1.
+        assert_eq!(r.on_not_leader(1, 3, "b:2"), None);
         assert_eq!(r.target().addr, "b:2");
+        assert_eq!(r.leader_id(), Some(3));
     }
 
     #[tokio::test]

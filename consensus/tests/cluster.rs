@@ -243,7 +243,12 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
     }
     let l = c.leader(Duration::from_secs(5)).await;
     let barrier = c.group(l).read_barrier().await.unwrap();
-    assert!(c.group(l).status().purged_index > 0, "the leader compacted its log");
+    // Snapshots are built and the log purged in the background: wait for the purge.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.group(l).status().purged_index == 0 {
+        assert!(Instant::now() < deadline, "the leader never compacted its log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     c.open(down).await;
     c.wait_applied(down, barrier.applied_index).await;
     let installed = c.nodes[down].metrics.snapshots.with_label_values(&["installed"]).get();

@@ -96,9 +96,15 @@ impl AdminService {
             Ok(()) => Ok(Response::new(ok())),
             Err(e) => {
                 self.forwarder
-                    .forward_not_leader(&self.metrics, method, e, original, forwarded, |ch, r| {
-                        call(AdminClient::new(ch), r)
-                    })
+                    .forward_not_leader(
+                        self.group.as_ref(),
+                        &self.metrics,
+                        method,
+                        e,
+                        original,
+                        forwarded,
+                        |ch, r| call(AdminClient::new(ch), r),
+                    )
                     .await
             }
         }

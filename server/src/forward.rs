@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use basalt_consensus::raft::network::PeerClients;
-use basalt_consensus::ReplicationError;
+use basalt_consensus::{Replication, ReplicationError};
 use basalt_proto::v1::NotLeader;
 use basalt_proto::{status_with_detail, ErrorKind};
 use tonic::transport::Channel;
@@ -18,6 +18,9 @@ use tonic::{Request, Response, Status};
 
 use crate::errors::to_status;
 use crate::metrics::ServerMetrics;
+
+/// How often a follower re-reads its view of the leader while a forward is in flight.
+const LEADER_WATCH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Metadata key that marks a request as already forwarded once.
 pub const FORWARDED_HEADER: &str = "x-basalt-forwarded";
@@ -73,8 +76,17 @@ impl Forwarder {
     /// What a service does when its group refuses a request: a `NotLeader` that names the
     /// leader's address is forwarded there, unless `forwarded` says this request already took its
     /// one hop; every other error becomes its status.
+    ///
+    /// A leader that stops answering without closing its connections (frozen, partitioned) would
+    /// hold a forwarded request until the client gives up on this node. So while the forward is
+    /// in flight the group's view of the leader is watched, and once a new leader is known the
+    /// forward is abandoned and the client gets `NotLeader` naming it, at once (naming this very
+    /// node when it won the election; the client then asks it again). Abandoning a forwarded write is safe: its outcome is unknown to the client, which
+    /// retries it with the same session, and the state machine applies a session write once.
+    #[allow(clippy::too_many_arguments)] // One call site shape per service; a struct would only rename them.
     pub async fn forward_not_leader<Req, Resp, F, Fut>(
         &self,
+        group: &dyn Replication,
         metrics: &ServerMetrics,
         method: &'static str,
         error: ReplicationError,
@@ -92,7 +104,27 @@ impl Forwarder {
                 leader_addr: Some(addr),
             } if !forwarded => {
                 metrics.forwarded(method);
-                self.forward(leader_id, &addr, original, call).await
+                let leader_moved = async {
+                    loop {
+                        tokio::time::sleep(LEADER_WATCH_INTERVAL).await;
+                        // Only a known new leader ends the wait: "no leader" mid-election
+                        // would send the client off to rotate, possibly onto the frozen node.
+                        let s = group.status();
+                        if s.leader_id.is_some() && s.leader_id != leader_id {
+                            return ReplicationError::NotLeader {
+                                leader_id: s.leader_id,
+                                leader_addr: s.leader_addr,
+                            };
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = self.forward(leader_id, &addr, original, call) => r,
+                    moved = leader_moved => {
+                        metrics.forward_abandoned(method);
+                        Err(to_status(moved))
+                    }
+                }
             }
             e => Err(to_status(e)),
         }

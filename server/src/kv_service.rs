@@ -82,9 +82,15 @@ impl KvService {
             Ok(r) => Ok(Ok(r)),
             Err(e) => self
                 .forwarder
-                .forward_not_leader(&self.metrics, method, e, original, forwarded, |ch, r| {
-                    call(KvClient::new(ch), r)
-                })
+                .forward_not_leader(
+                    self.group.as_ref(),
+                    &self.metrics,
+                    method,
+                    e,
+                    original,
+                    forwarded,
+                    |ch, r| call(KvClient::new(ch), r),
+                )
                 .await
                 .map(Err),
         }
@@ -107,9 +113,15 @@ impl KvService {
             Ok(_) => Ok(None),
             Err(e) => self
                 .forwarder
-                .forward_not_leader(&self.metrics, method, e, original, forwarded, |ch, r| {
-                    call(KvClient::new(ch), r)
-                })
+                .forward_not_leader(
+                    self.group.as_ref(),
+                    &self.metrics,
+                    method,
+                    e,
+                    original,
+                    forwarded,
+                    |ch, r| call(KvClient::new(ch), r),
+                )
                 .await
                 .map(Some),
         }

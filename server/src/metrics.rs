@@ -23,6 +23,7 @@ pub struct ServerMetrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     forwarded: IntCounterVec,
+    forwards_abandoned: IntCounterVec,
     raft: IntGaugeVec,
 }
 
@@ -48,6 +49,13 @@ impl ServerMetrics {
             ),
             &["method"],
         )?;
+        let forwards_abandoned = IntCounterVec::new(
+            Opts::new(
+                "basalt_forwards_abandoned_total",
+                "Forwarded requests given up because the leader changed while they were in flight",
+            ),
+            &["method"],
+        )?;
         let raft = IntGaugeVec::new(
             Opts::new(
                 "basalt_raft",
@@ -58,12 +66,14 @@ impl ServerMetrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(forwarded.clone()))?;
+        registry.register(Box::new(forwards_abandoned.clone()))?;
         registry.register(Box::new(raft.clone()))?;
         Ok(Self {
             registry,
             requests,
             latency,
             forwarded,
+            forwards_abandoned,
             raft,
         })
     }
@@ -98,6 +108,10 @@ impl ServerMetrics {
 
     pub fn forwarded(&self, method: &str) {
         self.forwarded.with_label_values(&[method]).inc();
+    }
+
+    pub fn forward_abandoned(&self, method: &str) {
+        self.forwards_abandoned.with_label_values(&[method]).inc();
     }
 
     fn sample(&self, groups: &GroupRegistry) {
