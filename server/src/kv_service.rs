@@ -8,7 +8,7 @@
 //! Keys and values arrive as `Bytes` and are copied once into the proposed command, which the log
 //! needs to own anyway.
 
-use basalt_consensus::Replication;
+use basalt_consensus::{Replication, ReplicationError};
 use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::kv_server::Kv;
 use basalt_proto::v1::{
@@ -65,6 +65,28 @@ impl KvService {
         }
     }
 
+    /// The group refused `original`: forward it to the leader through `call` when that is
+    /// what the refusal asks for (see [`Forwarder::forward_not_leader`]), else fail with it.
+    async fn refused<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        error: ReplicationError,
+        original: Req,
+        forwarded: bool,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(KvClient<tonic::transport::Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let group = self.group.as_ref();
+        self.forwarder
+            .forward_not_leader(group, &self.metrics, method, error, original, forwarded, |ch, r| {
+                call(KvClient::new(ch), r)
+            })
+            .await
+    }
+
     /// Proposes `cmd`; on a follower forwards `original` to the leader through `call` instead.
     async fn write<Req, Resp, F, Fut>(
         &self,
@@ -80,19 +102,7 @@ impl KvService {
     {
         match self.group.propose(cmd).await {
             Ok(r) => Ok(Ok(r)),
-            Err(e) => self
-                .forwarder
-                .forward_not_leader(
-                    self.group.as_ref(),
-                    &self.metrics,
-                    method,
-                    e,
-                    original,
-                    forwarded,
-                    |ch, r| call(KvClient::new(ch), r),
-                )
-                .await
-                .map(Err),
+            Err(e) => self.refused(method, e, original, forwarded, call).await.map(Err),
         }
     }
 
@@ -111,19 +121,7 @@ impl KvService {
     {
         match self.group.read_barrier().await {
             Ok(_) => Ok(None),
-            Err(e) => self
-                .forwarder
-                .forward_not_leader(
-                    self.group.as_ref(),
-                    &self.metrics,
-                    method,
-                    e,
-                    original,
-                    forwarded,
-                    |ch, r| call(KvClient::new(ch), r),
-                )
-                .await
-                .map(Some),
+            Err(e) => self.refused(method, e, original, forwarded, call).await.map(Some),
         }
     }
 }
