@@ -4,9 +4,9 @@
 //! write and compare-and-swap a handful of keys (few keys, so operations conflict), and meanwhile
 //! a nemesis SIGKILLs and restarts nodes and freezes them with SIGSTOP/SIGCONT. Every operation
 //! is recorded as invoke / ok / fail / info in one [`History`]. At the end the faults are healed,
-//! every node is killed and restarted (so only what was durable survives), the final value of
-//! every key is read, and the checkers judge the run: per-key linearizability, and no
-//! acknowledged write lost.
+//! every node is killed and restarted (so only what was durable survives), every key is read
+//! from every replica (leadership is moved to each in turn), and the checkers judge the run:
+//! per-key linearizability, no acknowledged write lost, and replicas that agree.
 //!
 //! How client results become history events, which is what makes the checking sound:
 //! - ok: the store answered; a CAS whose comparison failed is recorded as `fail` (it definitely
@@ -36,6 +36,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 
+use crate::convergence::{self, Divergence};
 use crate::durability::{self, DurabilityFinding};
 use crate::history::{Event, EventKind, History, HistoryError, Op, Value};
 use crate::linearizability::{self, CheckConfig, Report};
@@ -76,6 +77,8 @@ pub enum JepsenError {
     Client(#[from] ClientError),
     #[error("the recorded history is malformed (a recorder bug): {0}")]
     History(#[from] HistoryError),
+    #[error("node {id} did not become leader within 10 s of a transfer to it")]
+    LeaderTransfer { id: u64 },
     #[error("final read of {key:?} after healing failed: {source}")]
     FinalRead { key: String, source: ClientError },
 }
@@ -86,6 +89,8 @@ pub struct JepsenOutcome {
     pub history: History,
     pub linearizability: Report,
     pub durability: Vec<DurabilityFinding>,
+    /// Keys on which the replicas ended with different values.
+    pub convergence: Vec<Divergence>,
     /// Operations by final event type: ok, fail, info.
     pub ok: usize,
     pub failed: usize,
@@ -99,7 +104,7 @@ pub struct JepsenOutcome {
 impl JepsenOutcome {
     /// True when every checker passed (a key whose check ran out of budget is not a pass).
     pub fn passed(&self) -> bool {
-        self.linearizability.ok() && self.durability.is_empty()
+        self.linearizability.ok() && self.durability.is_empty() && self.convergence.is_empty()
     }
 }
 
@@ -168,18 +173,26 @@ pub async fn run(cfg: &JepsenConfig) -> Result<JepsenOutcome, JepsenError> {
     cluster.wait_for_leader(Duration::from_secs(15)).await?;
     let mut final_cfg = cluster.client_config();
     final_cfg.deadline = Duration::from_secs(30);
-    let reader = Client::connect(final_cfg).await?;
-    let mut final_state = BTreeMap::new();
-    for key in keys.iter() {
-        let v = reader
-            .get(Bytes::from(key.clone()))
-            .await
-            .map_err(|source| JepsenError::FinalRead {
-                key: key.clone(),
-                source,
-            })?;
-        final_state.insert(key.clone(), v.map(|b| String::from_utf8_lossy(&b).into_owned()));
+    let admin = Client::connect(final_cfg.clone()).await?;
+    // Every replica's state, read from that replica: leadership is moved to each node in turn,
+    // so a linearizable read served there comes from its own state machine.
+    let mut states = BTreeMap::new();
+    for id in cluster.node_ids() {
+        admin.transfer_leader(id).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cluster.cluster_status(id).await?.leader_id != id {
+            if Instant::now() > deadline {
+                return Err(JepsenError::LeaderTransfer { id });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut cfg = final_cfg.clone();
+        cfg.endpoints = vec![cluster.endpoint(id)?];
+        let reader = Client::connect(cfg).await?;
+        states.insert(id, read_all(&reader, &keys).await?);
     }
+    let convergence = convergence::check(&states);
+    let final_state = states.into_values().next().unwrap_or_default();
     cluster.terminate_all().await?;
 
     let history = std::mem::take(&mut *recorder.history.lock());
@@ -212,12 +225,29 @@ pub async fn run(cfg: &JepsenConfig) -> Result<JepsenOutcome, JepsenError> {
         history,
         linearizability,
         durability,
+        convergence,
         ok,
         failed,
         unknown,
         faults,
         longest_write_gap,
     })
+}
+
+/// The value of every key, as `reader` sees it.
+async fn read_all(reader: &Client, keys: &[String]) -> Result<BTreeMap<String, Option<String>>, JepsenError> {
+    let mut state = BTreeMap::new();
+    for key in keys {
+        let v = reader
+            .get(Bytes::from(key.clone()))
+            .await
+            .map_err(|source| JepsenError::FinalRead {
+                key: key.clone(),
+                source,
+            })?;
+        state.insert(key.clone(), v.map(|b| String::from_utf8_lossy(&b).into_owned()));
+    }
+    Ok(state)
 }
 
 /// One sequential client process: 50 % reads, 30 % writes, 20 % compare-and-swaps.

@@ -29,9 +29,10 @@ async fn a_short_run_with_kills_and_pauses_passes_every_checker() {
     assert!(outcome.ok > 100, "the workload made progress: {} ok", outcome.ok);
     assert!(
         outcome.passed(),
-        "linearizability: {:?}; durability: {:?}",
+        "linearizability: {:?}; durability: {:?}; convergence: {:?}",
         outcome.linearizability.violations(),
-        outcome.durability
+        outcome.durability,
+        outcome.convergence
     );
 
     // The same real history with its last successful read answered with a value nobody wrote,

@@ -197,6 +197,13 @@ fn jepsen_command(a: JepsenArgs) -> Result<bool, String> {
         println!("  LOST {finding}");
     }
     println!("  durability: {} findings", outcome.durability.len());
+    for divergence in &outcome.convergence {
+        println!("  DIVERGED {divergence}");
+    }
+    println!(
+        "  convergence: {} keys differ between replicas",
+        outcome.convergence.len()
+    );
     if outcome.passed() {
         println!("PASS");
     } else {
