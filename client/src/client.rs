@@ -23,6 +23,7 @@ use basalt_proto::v1::{
     AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, CompareAndSwapRequest, DeleteRequest, GetRequest,
     PutRequest, RemoveMemberRequest, ScanRequest, TransferLeaderRequest,
 };
+use basalt_proto::Dialer;
 use bytes::Bytes;
 use tracing::Instrument;
 
@@ -87,13 +88,19 @@ impl Client {
     /// made here, so this succeeds while the cluster is down; the first call connects. Must be
     /// called inside a tokio runtime.
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        Self::connect_with(cfg, Dialer::Tcp).await
+    }
+
+    /// As [`Client::connect`], opening connections through `dialer` (the simulator's network,
+    /// for one) instead of TCP.
+    pub async fn connect_with(cfg: ClientConfig, dialer: Dialer) -> Result<Client, ClientError> {
         let seeds = cfg.validate()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(ClientError::Config(
                 "Client::connect must run inside a tokio runtime".into(),
             ));
         }
-        let router = Router::new(seeds, cfg.attempt_timeout);
+        let router = Router::new(seeds, cfg.attempt_timeout, dialer);
         let session = SessionTracker::new();
         tracing::debug!(client_id = session.client_id(), endpoints = ?router.endpoints(), "client created");
         Ok(Client {

@@ -38,6 +38,7 @@ mod router;
 mod session;
 
 pub use basalt_proto::v1::{ClusterStatusResponse, Member, Role};
+pub use basalt_proto::Dialer;
 pub use client::{CasOutcome, Client, Expect, ScanPage};
 pub use config::ClientConfig;
 pub use endpoint::{parse_endpoint_list, EndpointAddr};

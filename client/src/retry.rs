@@ -164,7 +164,7 @@ mod tests {
             .iter()
             .map(|a| EndpointAddr::parse(a).expect("test addresses are valid"))
             .collect();
-        (Router::new(seeds, cfg.attempt_timeout), cfg)
+        (Router::new(seeds, cfg.attempt_timeout, basalt_proto::Dialer::Tcp), cfg)
     }
 
     /// Runs `call` with a scripted rpc: `script(attempt_number, endpoint)` decides the outcome

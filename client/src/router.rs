@@ -21,10 +21,14 @@
 use std::time::Duration;
 
 use basalt_proto::v1::ResponseHeader;
+use basalt_proto::Dialer;
 use parking_lot::RwLock;
 use tonic::transport::Channel;
 
 use crate::endpoint::EndpointAddr;
+
+/// How often an active connection is pinged (see `lazy_channel`).
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Upper bound on known endpoints; hints naming further new addresses are ignored.
 pub(crate) const MAX_ENDPOINTS: usize = 256;
@@ -58,6 +62,7 @@ struct RouterState {
 #[derive(Debug)]
 pub(crate) struct Router {
     attempt_timeout: Duration,
+    dialer: Dialer,
     state: RwLock<RouterState>,
 }
 
@@ -65,18 +70,19 @@ impl Router {
     /// Builds channels for the seeds. `seeds` must be non-empty (guaranteed by
     /// `ClientConfig::validate`), and this must run inside a tokio runtime because a lazy channel
     /// spawns its worker task.
-    pub(crate) fn new(seeds: Vec<EndpointAddr>, attempt_timeout: Duration) -> Self {
+    pub(crate) fn new(seeds: Vec<EndpointAddr>, attempt_timeout: Duration, dialer: Dialer) -> Self {
         debug_assert!(!seeds.is_empty(), "validated configs have endpoints");
         let slots = seeds
             .into_iter()
             .map(|addr| Slot {
-                channel: lazy_channel(&addr, attempt_timeout),
+                channel: lazy_channel(&addr, attempt_timeout, &dialer),
                 addr,
                 node_id: None,
             })
             .collect();
         Self {
             attempt_timeout,
+            dialer,
             state: RwLock::new(RouterState {
                 slots,
                 preferred: None,
@@ -142,7 +148,7 @@ impl Router {
         // An empty or malformed address fails to parse; the id may still name a known endpoint.
         let hinted = EndpointAddr::parse(leader_addr)
             .ok()
-            .and_then(|addr| state.find_or_add(addr, self.attempt_timeout))
+            .and_then(|addr| state.find_or_add(addr, self.attempt_timeout, &self.dialer))
             .or_else(|| state.slot_of_node(leader_id));
         match hinted {
             Some(target) if target != index => {
@@ -190,7 +196,7 @@ impl RouterState {
         self.slots.iter().position(|s| s.node_id == Some(node_id))
     }
 
-    fn find_or_add(&mut self, addr: EndpointAddr, attempt_timeout: Duration) -> Option<usize> {
+    fn find_or_add(&mut self, addr: EndpointAddr, attempt_timeout: Duration, dialer: &Dialer) -> Option<usize> {
         if let Some(i) = self.slots.iter().position(|s| s.addr == addr) {
             return Some(i);
         }
@@ -200,7 +206,7 @@ impl RouterState {
         }
         tracing::debug!(%addr, "learned endpoint from leader hint");
         self.slots.push(Slot {
-            channel: lazy_channel(&addr, attempt_timeout),
+            channel: lazy_channel(&addr, attempt_timeout, dialer),
             addr,
             node_id: None,
         });
@@ -208,12 +214,19 @@ impl RouterState {
     }
 }
 
-fn lazy_channel(addr: &EndpointAddr, attempt_timeout: Duration) -> Channel {
-    addr.endpoint()
-        .clone()
-        .connect_timeout(attempt_timeout)
-        .tcp_nodelay(true)
-        .connect_lazy()
+fn lazy_channel(addr: &EndpointAddr, attempt_timeout: Duration, dialer: &Dialer) -> Channel {
+    // HTTP/2 pings detect a connection that silently stopped delivering (a partition, a dropped
+    // NAT flow), which otherwise fails every later attempt on it with a timeout; once the ping
+    // fails, the next attempt reconnects.
+    dialer.channel(
+        addr.endpoint()
+            .clone()
+            .connect_timeout(attempt_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(attempt_timeout)
+            .keep_alive_while_idle(false),
+    )
 }
 
 #[cfg(test)]
@@ -225,7 +238,7 @@ mod tests {
             .iter()
             .map(|a| EndpointAddr::parse(a).expect("test addresses are valid"))
             .collect();
-        Router::new(seeds, Duration::from_millis(100))
+        Router::new(seeds, Duration::from_millis(100), Dialer::Tcp)
     }
 
     fn header(node_id: u64, leader_id: u64) -> ResponseHeader {

@@ -7,13 +7,16 @@
 //!
 //! Besides the generated code this crate holds the one piece of logic every user of the contract
 //! needs: packing and unpacking [`v1::ErrorDetail`] in a gRPC status, so that servers and clients
-//! agree on it by construction.
+//! agree on it by construction, and the [`Dialer`] through which every channel to a Basalt address
+//! is opened (TCP in production, the simulated network under `basalt-sim`).
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("basalt.v1");
 }
 
+pub mod dial;
 mod error_detail;
 
+pub use dial::Dialer;
 pub use error_detail::{status_with_detail, ErrorKind};

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use basalt_proto::v1::raft_peer_client::RaftPeerClient;
 use basalt_proto::v1::{RaftMessage, SnapshotChunk};
+use basalt_proto::Dialer;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{
@@ -25,7 +26,6 @@ use openraft::raft::{
 use openraft::{AnyError, BasicNode, OptionalSend, RaftNetworkFactory, RaftNetworkV2};
 use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint};
 
 use super::types::{NodeId, Snapshot, SnapshotFile, TypeConfig, Vote};
@@ -43,11 +43,21 @@ pub(crate) type RemoteResult<T> = Result<T, String>;
 #[derive(Clone, Default)]
 pub struct PeerClients {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    dialer: Dialer,
 }
 
 impl PeerClients {
+    /// Peers reached over TCP.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Peers reached through `dialer` (the simulator's network, for one).
+    pub fn with_dialer(dialer: Dialer) -> Self {
+        Self {
+            channels: Arc::default(),
+            dialer,
+        }
     }
 
     /// The shared channel to `addr`, created on first use. The server also uses it to forward
@@ -57,12 +67,16 @@ impl PeerClients {
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            // A connection whose packets vanish (a silent partition, a middlebox that dropped the
+            // flow) never errors by itself; pings find it within two seconds so the next RPC
+            // reconnects instead of timing out on it forever.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
+            .keep_alive_while_idle(true);
+        let ch = self.dialer.channel(endpoint);
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -72,6 +86,23 @@ impl PeerClients {
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20))
     }
+}
+
+/// Reads the next chunk (up to [`SNAPSHOT_CHUNK_BYTES`]; shorter only at the end) from `file`,
+/// handing the file back so the caller can keep reading through `blocking::run`.
+fn read_chunk(mut file: std::fs::File) -> std::io::Result<(std::fs::File, Vec<u8>)> {
+    use std::io::Read;
+    let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = file.read(&mut buf[filled..])?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok((file, buf))
 }
 
 /// Creates per-target network clients for one group.
@@ -235,20 +266,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let path = snapshot.snapshot.path.clone();
         // The reader runs beside the RPC so disk reads overlap with the transfer.
         let reader = tokio::spawn(async move {
-            let mut file = tokio::fs::File::open(&path).await?;
+            let mut file = super::blocking::run(move || std::fs::File::open(path)).await??;
             let mut offset = 0u64;
             let mut meta = Some(meta);
             loop {
-                let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    let n = file.read(&mut buf[filled..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    filled += n;
-                }
-                buf.truncate(filled);
+                let (f, buf) = super::blocking::run(move || read_chunk(file)).await??;
+                file = f;
+                let filled = buf.len();
                 let done = filled < SNAPSHOT_CHUNK_BYTES;
                 let m = meta.take().unwrap_or_default();
                 let chunk = SnapshotChunk {
