@@ -22,17 +22,22 @@
 //!   "fsyncgate" lesson); the node must restart and recover from what is really durable.
 //! * The thread runs blocking engine calls, so async callers never block a runtime worker; the
 //!   blocking is confined here, with exactly one thread doing I/O for the whole node.
+//!
+//! The same loop can instead run as a tokio task ([`GroupCommitWriter::new_on_task`]). The
+//! deterministic simulator uses that: its engine is in memory, so nothing blocks, and a task is
+//! scheduled by the simulated runtime, where a thread would run on real time and make the order of
+//! events differ between two runs of one seed. Everything but the loop's driver is shared, so the
+//! simulator exercises the same merging, signalling and poisoning as production.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{Engine, WriteBatch};
 use crate::error::{Result, StorageError};
@@ -64,7 +69,7 @@ impl Failure {
 
 /// The node's group-commit writer. See the module documentation.
 pub struct GroupCommitWriter {
-    queue: Mutex<Option<mpsc::Sender<Request>>>,
+    queue: Mutex<Option<mpsc::UnboundedSender<Request>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     failure: Arc<Mutex<Option<Failure>>>,
     engine: Arc<dyn Engine>,
@@ -77,24 +82,42 @@ impl GroupCommitWriter {
     /// # Panics
     /// If the OS refuses to create a thread, which leaves the node unable to write at all.
     pub fn new(engine: Arc<dyn Engine>, metrics: StorageMetrics) -> Arc<Self> {
-        let (tx, rx) = mpsc::channel();
+        let (writer, worker, rx) = Self::parts(engine, metrics);
+        let thread = std::thread::Builder::new()
+            .name("basalt-group-commit".into())
+            .spawn(move || worker.run_blocking(rx))
+            .expect("the OS must allow one more thread at node start-up");
+        *writer.thread.lock() = Some(thread);
+        Arc::new(writer)
+    }
+
+    /// Starts the writer as a task on the current tokio runtime instead of a thread. Only for
+    /// engines whose calls never block (the in-memory one); see the module documentation.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn new_on_task(engine: Arc<dyn Engine>, metrics: StorageMetrics) -> Arc<Self> {
+        let (writer, worker, rx) = Self::parts(engine, metrics);
+        tokio::spawn(worker.run_async(rx));
+        Arc::new(writer)
+    }
+
+    fn parts(engine: Arc<dyn Engine>, metrics: StorageMetrics) -> (Self, Worker, mpsc::UnboundedReceiver<Request>) {
+        let (tx, rx) = mpsc::unbounded_channel();
         let failure = Arc::new(Mutex::new(None));
         let worker = Worker {
             engine: engine.clone(),
             metrics: metrics.clone(),
             failure: failure.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("basalt-group-commit".into())
-            .spawn(move || worker.run(rx))
-            .expect("the OS must allow one more thread at node start-up");
-        Arc::new(GroupCommitWriter {
+        let writer = GroupCommitWriter {
             queue: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            thread: Mutex::new(None),
             failure,
             engine,
             metrics,
-        })
+        };
+        (writer, worker, rx)
     }
 
     /// The engine this writer writes to.
@@ -334,12 +357,27 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, rx: mpsc::Receiver<Request>) {
-        while let Ok(first) = rx.recv() {
-            let mut group = vec![first];
-            group.extend(rx.try_iter());
+    fn run_blocking(self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        while let Some(first) = rx.blocking_recv() {
+            let group = Self::drain(first, &mut rx);
             self.commit(group);
         }
+    }
+
+    async fn run_async(self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        while let Some(first) = rx.recv().await {
+            let group = Self::drain(first, &mut rx);
+            self.commit(group);
+        }
+    }
+
+    /// `first` and everything queued behind it right now, in queue order.
+    fn drain(first: Request, rx: &mut mpsc::UnboundedReceiver<Request>) -> Vec<Request> {
+        let mut group = vec![first];
+        while let Ok(next) = rx.try_recv() {
+            group.push(next);
+        }
+        group
     }
 
     fn fail(&self, stage: &'static str, err: StorageError) -> Failure {
@@ -417,6 +455,21 @@ mod tests {
     use crate::engine::{Cf, EngineRead, KvPair, MemoryEngine, ScanIter};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_writer_on_a_task_commits_like_the_thread() {
+        let engine = MemoryEngine::new();
+        let writer = GroupCommitWriter::new_on_task(engine.clone(), StorageMetrics::unregistered());
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::Data, b"k".to_vec(), b"v".to_vec());
+        writer.write_durable(batch, 1).await.unwrap();
+        engine.crash();
+        assert_eq!(
+            engine.get(Cf::Data, b"k").unwrap().as_deref(),
+            Some(&b"v"[..]),
+            "durable means it survives a crash"
+        );
+    }
 
     /// A memory engine whose fsync is slow (so writers pile up behind it, as on a real disk)
     /// and can be made to fail.

@@ -83,9 +83,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => u64::MAX,
         };
         let log = self.log.clone();
-        let raw = tokio::task::spawn_blocking(move || log.entries(start, end))
-            .await
-            .map_err(io::Error::other)?
+        let raw = super::blocking::run(move || log.entries(start, end))
+            .await?
             .map_err(|e| self.fail(e))?;
         raw.iter().map(|(i, b)| self.decode_entry(*i, b)).collect()
     }

@@ -10,6 +10,7 @@
 //! that already has a vote or log, so restarting a node with its original `--initial-cluster`
 //! resumes rather than re-forming the cluster.
 
+pub mod blocking;
 pub mod log_store;
 pub mod network;
 pub mod peer_service;
@@ -245,7 +246,28 @@ impl RaftGroup {
         (voters, nodes)
     }
 
+    /// Membership changes go only through a leader that is itself a voter. A leader that has just
+    /// removed itself still holds its term but no longer acts as leader (openraft asserts on a
+    /// further change there, found by the simulator removing and re-adding a leader); refusing
+    /// with `NotLeader` sends the caller on to the leader the remaining voters elect.
+    fn ensure_voting_leader(&self) -> Result<(), ReplicationError> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        if m.state == ServerState::Leader
+            && m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.cfg.node_id)
+        {
+            return Ok(());
+        }
+        let leader_id = m.current_leader.filter(|&l| l != self.cfg.node_id);
+        let leader_addr = leader_id.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+        Err(ReplicationError::NotLeader { leader_id, leader_addr })
+    }
+
     async fn change(&self, change: ChangeMembers<u64, BasicNode>) -> Result<(), ReplicationError> {
+        self.ensure_voting_leader()?;
         self.raft
             .change_membership(change, false)
             .await
@@ -306,10 +328,14 @@ impl Replication for RaftGroup {
     fn add_member(&self, id: u64, addr: String) -> BoxFuture<'_, Result<(), ReplicationError>> {
         Box::pin(async move {
             self.health.check()?;
+            // Only the leader may judge "already a member": a removed node still lists itself,
+            // and answering from its view told the simulator's operator that a node was back
+            // when the group had not re-added it.
+            self.ensure_voting_leader()?;
             let (voters, nodes) = self.membership();
             if voters.contains(&id) {
                 return match nodes.get(&id) {
-                    Some(a) if *a == addr => Ok(()),
+                    Some(a) if *a == addr => self.read_barrier().await.map(|_| ()),
                     Some(a) => Err(ReplicationError::Membership(format!(
                         "node {id} is already a member at {a}, not {addr}"
                     ))),
@@ -318,6 +344,7 @@ impl Replication for RaftGroup {
             }
             // Join as a learner first and wait until it has caught up, so adding a voter never
             // leaves the group waiting on a member that has none of the log.
+            self.ensure_voting_leader()?;
             self.raft
                 .add_learner(id, BasicNode::new(&addr), true)
                 .await
@@ -330,6 +357,7 @@ impl Replication for RaftGroup {
         Box::pin(self.bounded(
             "remove member",
             async move {
+                self.ensure_voting_leader()?;
                 let (voters, nodes) = self.membership();
                 if !nodes.contains_key(&id) {
                     return Err(ReplicationError::UnknownMember(id));

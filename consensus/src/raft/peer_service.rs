@@ -14,7 +14,6 @@ use basalt_proto::v1::{NodeStatusRequest, NodeStatusResponse, RaftMessage, Role 
 use futures::StreamExt;
 use parking_lot::RwLock;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::network::RemoteResult;
@@ -139,18 +138,18 @@ impl RaftPeer for PeerService {
         let path = group.snapshot_dir().temp_path("incoming");
         let received = receive_chunks(&path, group_id, first, &mut stream).await;
         if let Err(st) = received {
-            let _ = tokio::fs::remove_file(&path).await;
+            remove_quietly(&path).await;
             group.metrics().snapshot_event("receive_rejected");
             return Err(st);
         }
         // Verify the file's own record checksums before openraft sees it: a bad file must cost a
         // retry, not a replica.
         let p = path.clone();
-        let verified = tokio::task::spawn_blocking(move || basalt_storage::read_snapshot_info(&p))
+        let verified = super::blocking::run(move || basalt_storage::read_snapshot_info(&p))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         if let Err(e) = verified {
-            let _ = tokio::fs::remove_file(&path).await;
+            remove_quietly(&path).await;
             group.metrics().snapshot_event("receive_rejected");
             return Err(Status::data_loss(format!("received snapshot is corrupt: {e}")));
         }
@@ -193,7 +192,11 @@ async fn receive_chunks(
     stream: &mut Streaming<SnapshotChunk>,
 ) -> Result<(), Status> {
     let io = |e: std::io::Error| Status::internal(format!("writing received snapshot: {e}"));
-    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    let owned = path.to_path_buf();
+    let mut file = super::blocking::run(move || std::fs::File::create(owned))
+        .await
+        .and_then(|r| r)
+        .map_err(io)?;
     let mut expected_offset = 0u64;
     let mut chunk = first;
     loop {
@@ -210,7 +213,14 @@ async fn receive_chunks(
             wire::verify_crc("snapshot chunk", &[&chunk.meta, &chunk.data], chunk.crc32)
                 .map_err(|e| Status::data_loss(e.to_string()))?;
         }
-        file.write_all(&chunk.data).await.map_err(io)?;
+        let data = chunk.data.clone();
+        file = super::blocking::run(move || {
+            use std::io::Write;
+            file.write_all(&data).map(|()| file)
+        })
+        .await
+        .and_then(|r| r)
+        .map_err(io)?;
         expected_offset += chunk.data.len() as u64;
         if chunk.done {
             break;
@@ -220,6 +230,17 @@ async fn receive_chunks(
             None => return Err(Status::data_loss("snapshot stream ended before its last chunk")),
         };
     }
-    file.sync_all().await.map_err(io)?;
+    super::blocking::run(move || file.sync_all())
+        .await
+        .and_then(|r| r)
+        .map_err(io)?;
     Ok(())
+}
+
+/// Removes a rejected incoming snapshot; a failure only leaves a temp file behind.
+async fn remove_quietly(path: &std::path::Path) {
+    let owned = path.to_path_buf();
+    if let Ok(Err(e)) = super::blocking::run(move || std::fs::remove_file(owned)).await {
+        tracing::debug!(error = %e, "could not remove a rejected snapshot file");
+    }
 }

@@ -172,12 +172,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let (group, keyspace) = (self.group, self.keyspace);
         let tmp = self.snapshots.temp_path("build");
         let tmp2 = tmp.clone();
-        let info = tokio::task::spawn_blocking(move || {
-            basalt_storage::build_snapshot(engine.as_ref(), group, keyspace, &tmp2)
-        })
-        .await
-        .map_err(io::Error::other)?
-        .map_err(io_err)?;
+        let info =
+            super::blocking::run(move || basalt_storage::build_snapshot(engine.as_ref(), group, keyspace, &tmp2))
+                .await?
+                .map_err(io_err)?;
         let meta = snapshot_meta(&info)?;
         let path = self.snapshots.promote(&tmp, info.applied_index)?;
         self.metrics.snapshot_event("built");
@@ -256,9 +254,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
         let sm = self.sm.clone();
         let path = snapshot.path.clone();
-        let info = tokio::task::spawn_blocking(move || sm.write().install_snapshot(&path))
-            .await
-            .map_err(io::Error::other)?
+        let info = super::blocking::run(move || sm.write().install_snapshot(&path))
+            .await?
             .map_err(|e| self.stop_on_corruption(e))?;
         self.applied = decode_applied(Some(&info.applied_meta))?;
         if self.applied.last_applied != meta.last_log_id {
@@ -281,9 +278,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             return Ok(None);
         };
         let p = path.clone();
-        let info = tokio::task::spawn_blocking(move || basalt_storage::read_snapshot_info(&p))
-            .await
-            .map_err(io::Error::other)?
+        let info = super::blocking::run(move || basalt_storage::read_snapshot_info(&p))
+            .await?
             .map_err(io_err)?;
         Ok(Some(Snapshot {
             meta: snapshot_meta(&info)?,
