@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::forward::{is_forwarded, Forwarder};
 use crate::kv_service::header;
-use crate::limits::invalid;
+use crate::limits::{check_member_address, invalid};
 use crate::metrics::ServerMetrics;
 
 /// How long a status probe of one member may take before it counts as unreachable.
@@ -187,12 +187,7 @@ impl Admin for AdminService {
                 if req.id == 0 {
                     return Err(invalid("id", "node ids start at 1"));
                 }
-                if req.address.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(invalid(
-                        "address",
-                        format!("{:?} is not an IP:PORT address", req.address),
-                    ));
-                }
+                check_member_address("address", &req.address)?;
                 let r = self.group.add_member(req.id, req.address.clone()).await;
                 if r.is_ok() {
                     tracing::info!(id = req.id, addr = %req.address, "member added");

@@ -23,6 +23,10 @@ pub const METRICS_PORT_OFFSET: u16 = 1000;
 /// openraft logs every vote and state change at `info`; those belong at debug for operators, who
 /// still see its warnings (unreachable peers, failed replication).
 pub const DEFAULT_LOG_LEVEL: &str = "info,openraft=warn";
+/// Raft timing defaults; why these values is explained on `RaftGroupConfig`.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
+pub const DEFAULT_ELECTION_TIMEOUT_MIN: Duration = Duration::from_millis(300);
+pub const DEFAULT_ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -108,6 +112,11 @@ pub struct NodeConfig {
     pub snapshot_threshold: u64,
     pub log_level: String,
     pub request_timeout: Duration,
+    /// Raft timing (see `RaftGroupConfig`): not yet flags, since the defaults suit a LAN; the
+    /// simulator varies them per node to model clocks that run at different rates.
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
 }
 
 pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
@@ -238,6 +247,9 @@ impl NodeConfig {
                 .or(file.log_level)
                 .unwrap_or_else(|| DEFAULT_LOG_LEVEL.into()),
             request_timeout: Duration::from_secs(5),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            election_timeout_min: DEFAULT_ELECTION_TIMEOUT_MIN,
+            election_timeout_max: DEFAULT_ELECTION_TIMEOUT_MAX,
         })
     }
 }

@@ -8,7 +8,7 @@
 //! Keys and values arrive as `Bytes` and are copied once into the proposed command, which the log
 //! needs to own anyway.
 
-use basalt_consensus::{Replication, ReplicationError};
+use basalt_consensus::{Replication, ReplicationError, Role};
 use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::kv_server::Kv;
 use basalt_proto::v1::{
@@ -25,11 +25,13 @@ use crate::errors::to_status;
 use crate::forward::{is_forwarded, Forwarder};
 use crate::limits::{check_key, check_scan, check_session, check_value, invalid};
 use crate::metrics::ServerMetrics;
+use crate::planted::PlantedBug;
 
 pub struct KvService {
     group: Arc<dyn Replication>,
     forwarder: Forwarder,
     metrics: ServerMetrics,
+    planted_bug: Option<PlantedBug>,
 }
 
 /// Builds the header every response carries from the group's current status.
@@ -62,7 +64,18 @@ impl KvService {
             group,
             forwarder,
             metrics,
+            planted_bug: None,
         }
+    }
+
+    /// The same service with `bug` planted (see [`crate::planted`]).
+    pub fn with_planted_bug(mut self, bug: Option<PlantedBug>) -> Self {
+        self.planted_bug = bug;
+        self
+    }
+
+    fn believes_it_leads(&self) -> bool {
+        self.group.status().role == Role::Leader
     }
 
     /// The group refused `original`: forward it to the leader through `call` when that is
@@ -100,6 +113,16 @@ impl KvService {
         F: FnOnce(KvClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
     {
+        if self.planted_bug == Some(PlantedBug::AckBeforeQuorum)
+            && matches!(cmd.command, Command::Put { .. })
+            && self.believes_it_leads()
+        {
+            let group = self.group.clone();
+            tokio::spawn(async move {
+                let _ = group.propose(cmd).await;
+            });
+            return Ok(Ok(WriteResponse::Put));
+        }
         match self.group.propose(cmd).await {
             Ok(r) => Ok(Ok(r)),
             Err(e) => self.refused(method, e, original, forwarded, call).await.map(Err),
@@ -119,6 +142,9 @@ impl KvService {
         F: FnOnce(KvClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
     {
+        if self.planted_bug == Some(PlantedBug::StaleReadWithoutBarrier) && self.believes_it_leads() {
+            return Ok(None);
+        }
         match self.group.read_barrier().await {
             Ok(_) => Ok(None),
             Err(e) => self.refused(method, e, original, forwarded, call).await.map(Some),

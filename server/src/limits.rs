@@ -90,10 +90,51 @@ pub fn check_session(s: Option<&WriteSession>) -> Result<Option<basalt_storage::
     }))
 }
 
+/// A member address is `host:port`: an IP address (IPv6 in brackets) or a DNS name, and a port
+/// from 1 to 65535. Names are not resolved here: the member being added may well run on a
+/// machine that this node will only reach once it is up, and peers resolve the name when they
+/// connect.
+pub fn check_member_address(field: &str, addr: &str) -> Result<(), Status> {
+    let bad = |why: &str| invalid(field, format!("{addr:?} is not HOST:PORT: {why}"));
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad("the port must be a number from 1 to 65535")),
+    }
+    let labels_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !labels_ok {
+        return Err(bad("the host is neither an IP address nor a DNS name"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tonic::Code;
+
+    #[test]
+    fn member_addresses_may_be_ips_or_names() {
+        for good in ["127.0.0.1:7401", "[::1]:7401", "n1:7379", "db-3.example.com:7379"] {
+            assert!(check_member_address("address", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "n1", "n1:0", "n1:99999", ":7379", "a b:1", "-x:1", "x..y:1", "::1:7401",
+        ] {
+            assert!(check_member_address("address", bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn keys_must_be_non_empty_and_bounded() {

@@ -65,7 +65,7 @@ async fn run(cfg: NodeConfig) -> ExitCode {
         "basaltd ready node_id={} listen={} metrics={}",
         node.node_id(),
         node.listen_addr(),
-        node.metrics_addr()
+        node.metrics_addr().map_or_else(|| "off".to_string(), |a| a.to_string())
     );
     let _ = std::io::stdout().flush();
     let which = tokio::select! {

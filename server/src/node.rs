@@ -24,16 +24,21 @@ use basalt_consensus::{ConsensusMetrics, Replication, ReplicationError};
 use basalt_proto::v1::admin_server::AdminServer;
 use basalt_proto::v1::kv_server::KvServer;
 use basalt_proto::v1::raft_peer_server::RaftPeerServer;
+use basalt_proto::Dialer;
 use basalt_storage::{Engine, GroupCommitWriter, RocksEngine, StorageError, StorageMetrics, DEFAULT_KEYSPACE};
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::transport::server::Connected;
 
 use crate::admin_service::AdminService;
 use crate::config::NodeConfig;
 use crate::forward::Forwarder;
 use crate::kv_service::KvService;
 use crate::metrics::{bind_metrics, serve_metrics, ServerMetrics};
+use crate::planted::PlantedBug;
 
 /// The one group of the foundation: the default keyspace, whole.
 pub const DEFAULT_GROUP: u64 = 1;
@@ -67,7 +72,7 @@ pub struct Node {
     cfg: NodeConfig,
     group: Arc<RaftGroup>,
     listen: SocketAddr,
-    metrics_listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -95,16 +100,79 @@ fn claim_data_dir(dir: &Path, node_id: u64) -> Result<(), NodeError> {
     }
 }
 
+/// What a node runs on. `basaltd` uses the default: RocksDB in the data directory, a
+/// group-commit thread, TCP, a metrics endpoint, no planted bug. The deterministic simulator
+/// supplies an in-memory engine that outlives the simulated process (so a crash loses exactly
+/// what was not fsynced), a writer task, and its simulated network; everything else is the same
+/// code.
+pub struct NodeEnv {
+    /// The storage engine; `None` opens RocksDB under `<data_dir>/db`.
+    pub engine: Option<Arc<dyn Engine>>,
+    /// Run the group-commit writer as a tokio task rather than a thread. Only for an engine whose
+    /// calls never block (see `GroupCommitWriter::new_on_task`).
+    pub writer_on_task: bool,
+    /// How connections to peers are opened.
+    pub dialer: Dialer,
+    /// Serve Prometheus text on `metrics_listen`.
+    pub serve_metrics: bool,
+    /// A deliberate bug for the simulator's checkers to catch (see [`crate::planted`]).
+    pub planted_bug: Option<PlantedBug>,
+}
+
+impl Default for NodeEnv {
+    fn default() -> Self {
+        Self {
+            engine: None,
+            writer_on_task: false,
+            dialer: Dialer::Tcp,
+            serve_metrics: true,
+            planted_bug: None,
+        }
+    }
+}
+
 impl Node {
-    /// Starts the node and returns once it serves (and, for a founding member of a new cluster,
-    /// once it has proposed the initial membership).
+    /// Starts the node on this machine (see [`NodeEnv`]) and returns once it serves (and, for a
+    /// founding member of a new cluster, once it has proposed the initial membership).
     pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        let listener = TcpListener::bind(cfg.listen).await.map_err(|source| NodeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let listen = listener.local_addr().map_err(|source| NodeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        Self::start_with(cfg, NodeEnv::default(), incoming, listen).await
+    }
+
+    /// Starts the node in `env`, serving the connections `incoming` yields (bound at `listen`).
+    pub async fn start_with<I, IO, IE>(
+        cfg: NodeConfig,
+        env: NodeEnv,
+        incoming: I,
+        listen: SocketAddr,
+    ) -> Result<Node, NodeError>
+    where
+        I: Stream<Item = Result<IO, IE>> + Send + 'static,
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+    {
         claim_data_dir(&cfg.data_dir, cfg.node_id)?;
         let metrics = ServerMetrics::new()?;
-        let engine: Arc<dyn Engine> = RocksEngine::open(&cfg.data_dir.join("db"))?;
-        let writer = GroupCommitWriter::new(engine.clone(), StorageMetrics::new(&metrics.registry)?);
+        let engine: Arc<dyn Engine> = match env.engine {
+            Some(engine) => engine,
+            None => RocksEngine::open(&cfg.data_dir.join("db"))?,
+        };
+        let storage_metrics = StorageMetrics::new(&metrics.registry)?;
+        let writer = if env.writer_on_task {
+            GroupCommitWriter::new_on_task(engine.clone(), storage_metrics)
+        } else {
+            GroupCommitWriter::new(engine.clone(), storage_metrics)
+        };
         let consensus_metrics = ConsensusMetrics::new(&metrics.registry)?;
-        let peers = PeerClients::new();
+        let peers = PeerClients::with_dialer(env.dialer);
 
         let mut gcfg = RaftGroupConfig::new(
             cfg.node_id,
@@ -115,37 +183,41 @@ impl Node {
         gcfg.snapshot_threshold = cfg.snapshot_threshold;
         gcfg.logs_kept_after_snapshot = (cfg.snapshot_threshold / 10).clamp(1, 1_000);
         gcfg.request_timeout = cfg.request_timeout;
+        gcfg.heartbeat_interval = cfg.heartbeat_interval;
+        gcfg.election_timeout_min = cfg.election_timeout_min;
+        gcfg.election_timeout_max = cfg.election_timeout_max;
         let group = RaftGroup::open(gcfg, engine, writer, peers.clone(), consensus_metrics).await?;
         let registry = GroupRegistry::default();
         registry.insert(group.clone());
 
-        let listener = TcpListener::bind(cfg.listen).await.map_err(|source| NodeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-        let listen = listener.local_addr().map_err(|source| NodeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-        let metrics_listener = bind_metrics(cfg.metrics_listen)
-            .await
-            .map_err(|source| NodeError::Bind {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let metrics_listen = if env.serve_metrics {
+            let bind_err = |source| NodeError::Bind {
                 addr: cfg.metrics_listen,
                 source,
-            })?;
-        let metrics_listen = metrics_listener.local_addr().map_err(|source| NodeError::Bind {
-            addr: cfg.metrics_listen,
-            source,
-        })?;
+            };
+            let metrics_listener = bind_metrics(cfg.metrics_listen).await.map_err(bind_err)?;
+            let addr = metrics_listener.local_addr().map_err(bind_err)?;
+            tasks.push(tokio::spawn(serve_metrics(
+                metrics_listener,
+                metrics.clone(),
+                registry.clone(),
+                shutdown_rx.clone(),
+            )));
+            Some(addr)
+        } else {
+            None
+        };
 
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let forwarder = Forwarder::new(peers.clone(), FORWARD_TIMEOUT);
         let dyn_group: Arc<dyn Replication> = group.clone();
-        let kv = KvService::new(dyn_group.clone(), forwarder.clone(), metrics.clone());
+        let kv =
+            KvService::new(dyn_group.clone(), forwarder.clone(), metrics.clone()).with_planted_bug(env.planted_bug);
         let admin = AdminService::new(dyn_group, peers, forwarder, metrics.clone());
-        let peer = PeerService::new(registry.clone());
+        let peer = PeerService::new(registry);
 
-        let mut rx = shutdown_rx.clone();
+        let mut rx = shutdown_rx;
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(
@@ -159,25 +231,19 @@ impl Node {
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20),
             )
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.changed().await;
             });
-        let mut tasks = vec![tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc.await {
                 tracing::error!(error = %e, "gRPC server failed");
             }
-        })];
-        tasks.push(tokio::spawn(serve_metrics(
-            metrics_listener,
-            metrics,
-            registry,
-            shutdown_rx,
-        )));
+        }));
 
         if !cfg.join && group.initialize(&cfg.initial_cluster).await? {
             tracing::info!(members = ?cfg.initial_cluster, "bootstrapped a new cluster");
         }
-        tracing::info!(node_id = cfg.node_id, %listen, metrics = %metrics_listen, "node serving");
+        tracing::info!(node_id = cfg.node_id, %listen, metrics = ?metrics_listen, "node serving");
         Ok(Node {
             cfg,
             group,
@@ -192,8 +258,14 @@ impl Node {
         self.listen
     }
 
-    pub fn metrics_addr(&self) -> SocketAddr {
+    /// Where Prometheus metrics are served, unless the node was started without them.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_listen
+    }
+
+    /// This node's replica of the group (its status and local state, for tests and the simulator).
+    pub fn replica(&self) -> Arc<dyn Replication> {
+        self.group.clone()
     }
 
     pub fn node_id(&self) -> u64 {
