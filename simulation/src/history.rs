@@ -455,8 +455,9 @@ fn invoked_operation(index: usize, event: &Event) -> Operation {
     }
 }
 
-/// 64-bit FNV-1a, as an infallible [`Write`] sink.
-struct Fnv1a(u64);
+/// 64-bit FNV-1a as an `io::Write`: stable across platforms and Rust versions, unlike `std`'s
+/// hashers, which is what lets a hash printed on one machine be compared on another.
+pub struct Fnv1a(pub u64);
 
 impl Default for Fnv1a {
     fn default() -> Self {

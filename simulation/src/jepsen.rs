@@ -8,16 +8,8 @@
 //! from every replica (leadership is moved to each in turn), and the checkers judge the run:
 //! per-key linearizability, no acknowledged write lost, and replicas that agree.
 //!
-//! How client results become history events, which is what makes the checking sound:
-//! - ok: the store answered; a CAS whose comparison failed is recorded as `fail` (it definitely
-//!   did not apply, see [`crate::model`]);
-//! - fail: an error that proves nothing was applied (invalid argument), or a read that failed
-//!   (a read has no effect, so its failure proves nothing either way and constrains nothing);
-//! - info: anything else for a write or CAS (timeout, connection lost, no leader): it may have
-//!   been applied, now or later, and the checker treats it so.
-//!
-//! Time is one monotonic clock for all processes, read under the history's lock, so the event
-//! order in the history is the real-time order the checker relies on.
+//! The workload, the recording rules and the checkers are those of [`crate::workload`], shared
+//! with the simulator; here time is one monotonic real clock for all processes.
 //!
 //! The nemesis faults at most one node at a time, so a majority always remains and the cluster
 //! should stay available apart from elections; the longest gap between successful writes is
@@ -29,17 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use basalt_bench::local_cluster::{ClusterError, LocalCluster, LocalClusterOptions};
-use basalt_client::{Client, ClientConfig, ClientError, Expect};
-use bytes::Bytes;
-use parking_lot::Mutex;
+use basalt_client::{Client, ClientConfig, ClientError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 
-use crate::convergence::{self, Divergence};
-use crate::durability::{self, DurabilityFinding};
-use crate::history::{Event, EventKind, History, HistoryError, Op, Value};
-use crate::linearizability::{self, CheckConfig, Report};
+use crate::history::{History, HistoryError};
+use crate::workload::{client_process, read_all, Judgement, Recorder};
 
 /// The faults the nemesis may inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,38 +75,15 @@ pub enum JepsenError {
 #[derive(Debug)]
 pub struct JepsenOutcome {
     pub history: History,
-    pub linearizability: Report,
-    pub durability: Vec<DurabilityFinding>,
-    /// Keys on which the replicas ended with different values.
-    pub convergence: Vec<Divergence>,
-    /// Operations by final event type: ok, fail, info.
-    pub ok: usize,
-    pub failed: usize,
-    pub unknown: usize,
+    pub judgement: Judgement,
     /// The nemesis' actions, with seconds since the start.
     pub faults: Vec<(f64, String)>,
-    /// The longest time without a successful write or CAS during the workload.
-    pub longest_write_gap: Duration,
 }
 
 impl JepsenOutcome {
-    /// True when every checker passed (a key whose check ran out of budget is not a pass).
+    /// True when every checker passed.
     pub fn passed(&self) -> bool {
-        self.linearizability.ok() && self.durability.is_empty() && self.convergence.is_empty()
-    }
-}
-
-/// One clock and one history for all processes.
-struct Recorder {
-    start: Instant,
-    history: Mutex<History>,
-}
-
-impl Recorder {
-    fn record(&self, process: u64, kind: EventKind, f: Op, key: &str, value: Value) {
-        let mut h = self.history.lock();
-        let time = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        h.push(Event::new(process, kind, f, key, value, time));
+        self.judgement.passed()
     }
 }
 
@@ -139,19 +104,21 @@ pub async fn run(cfg: &JepsenConfig) -> Result<JepsenOutcome, JepsenError> {
     client_cfg.deadline = Duration::from_secs(5);
     let client = Client::connect(client_cfg).await?;
 
-    let recorder = Arc::new(Recorder {
-        start: Instant::now(),
-        history: Mutex::new(History::new()),
-    });
-    let deadline = Instant::now() + cfg.duration;
+    let start = Instant::now();
+    let recorder = Arc::new(Recorder::new(
+        move || u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        u64::MAX,
+    ));
+    let deadline = start + cfg.duration;
+    let until = u64::try_from(cfg.duration.as_nanos()).unwrap_or(u64::MAX);
     let keys: Arc<Vec<String>> = Arc::new((0..cfg.keys).map(|k| format!("k{k}")).collect());
     let mut workers = JoinSet::new();
     for process in 0..cfg.clients as u64 {
         let (client, recorder, keys) = (client.clone(), recorder.clone(), keys.clone());
         let seed = cfg.seed.wrapping_add(process.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        workers.spawn(worker(process, client, recorder, keys, seed, deadline));
+        workers.spawn(async move { client_process(process, client, &recorder, &keys, seed, until).await });
     }
-    let faults = nemesis(&cluster, cfg, recorder.start, deadline).await?;
+    let faults = nemesis(&cluster, cfg, start, deadline).await?;
     while let Some(r) = workers.join_next().await {
         if let Err(e) = r {
             return Err(JepsenError::Config(format!("a client task failed: {e}")));
@@ -189,137 +156,20 @@ pub async fn run(cfg: &JepsenConfig) -> Result<JepsenOutcome, JepsenError> {
         let mut cfg = final_cfg.clone();
         cfg.endpoints = vec![cluster.endpoint(id)?];
         let reader = Client::connect(cfg).await?;
-        states.insert(id, read_all(&reader, &keys).await?);
+        let state = read_all(&reader, &keys)
+            .await
+            .map_err(|(key, source)| JepsenError::FinalRead { key, source })?;
+        states.insert(id, state);
     }
-    let convergence = convergence::check(&states);
-    let final_state = states.into_values().next().unwrap_or_default();
     cluster.terminate_all().await?;
 
-    let history = std::mem::take(&mut *recorder.history.lock());
-    let linearizability = linearizability::check(&history, &CheckConfig::default())?;
-    let durability = durability::check(&history, &final_state)?;
-    let (mut ok, mut failed, mut unknown) = (0, 0, 0);
-    let mut write_oks = vec![0u64];
-    for e in history.events() {
-        match e.kind {
-            EventKind::Invoke => {}
-            EventKind::Ok => {
-                ok += 1;
-                if e.f != Op::Read {
-                    write_oks.push(e.time);
-                }
-            }
-            EventKind::Fail => failed += 1,
-            EventKind::Info => unknown += 1,
-        }
-    }
-    write_oks.push(u64::try_from(cfg.duration.as_nanos()).unwrap_or(u64::MAX));
-    let longest_write_gap = Duration::from_nanos(
-        write_oks
-            .windows(2)
-            .map(|w| w[1].saturating_sub(w[0]))
-            .max()
-            .unwrap_or(0),
-    );
+    let history = recorder.take();
+    let judgement = Judgement::of(&history, &states, cfg.duration)?;
     Ok(JepsenOutcome {
         history,
-        linearizability,
-        durability,
-        convergence,
-        ok,
-        failed,
-        unknown,
+        judgement,
         faults,
-        longest_write_gap,
     })
-}
-
-/// The value of every key, as `reader` sees it.
-async fn read_all(reader: &Client, keys: &[String]) -> Result<BTreeMap<String, Option<String>>, JepsenError> {
-    let mut state = BTreeMap::new();
-    for key in keys {
-        let v = reader
-            .get(Bytes::from(key.clone()))
-            .await
-            .map_err(|source| JepsenError::FinalRead {
-                key: key.clone(),
-                source,
-            })?;
-        state.insert(key.clone(), v.map(|b| String::from_utf8_lossy(&b).into_owned()));
-    }
-    Ok(state)
-}
-
-/// One sequential client process: 50 % reads, 30 % writes, 20 % compare-and-swaps.
-async fn worker(
-    process: u64,
-    client: Client,
-    recorder: Arc<Recorder>,
-    keys: Arc<Vec<String>>,
-    seed: u64,
-    deadline: Instant,
-) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    // The last value this process saw per key, so its CAS operations have a fair chance to win.
-    let mut seen: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut n = 0u64;
-    while Instant::now() < deadline {
-        let key = keys[rng.random_range(0..keys.len())].clone();
-        let roll: u8 = rng.random_range(0..10);
-        n += 1;
-        if roll < 5 {
-            recorder.record(process, EventKind::Invoke, Op::Read, &key, Value::Nil);
-            match client.get(Bytes::from(key.clone())).await {
-                Ok(v) => {
-                    let v = v.map(|b| String::from_utf8_lossy(&b).into_owned());
-                    seen.insert(key.clone(), v.clone());
-                    recorder.record(process, EventKind::Ok, Op::Read, &key, Value::read_result(v));
-                }
-                Err(_) => recorder.record(process, EventKind::Fail, Op::Read, &key, Value::Nil),
-            }
-        } else if roll < 8 {
-            let value = format!("{process}-{n}");
-            recorder.record(process, EventKind::Invoke, Op::Write, &key, Value::Str(value.clone()));
-            let r = client.put(Bytes::from(key.clone()), Bytes::from(value.clone())).await;
-            let kind = match r {
-                Ok(()) => EventKind::Ok,
-                Err(e) if !e.outcome_unknown() => EventKind::Fail,
-                Err(_) => EventKind::Info,
-            };
-            recorder.record(process, kind, Op::Write, &key, Value::Str(value));
-        } else {
-            let expected = seen.get(&key).cloned().flatten();
-            let new = format!("{process}-{n}");
-            let operands = Value::Cas {
-                expected: expected.clone(),
-                new: new.clone(),
-            };
-            recorder.record(process, EventKind::Invoke, Op::Cas, &key, operands.clone());
-            let expect = match &expected {
-                Some(v) => Expect::Value(Bytes::from(v.clone())),
-                None => Expect::Absent,
-            };
-            let r = client
-                .compare_and_swap(Bytes::from(key.clone()), expect, Bytes::from(new.clone()))
-                .await;
-            let kind = match r {
-                Ok(outcome) if outcome.succeeded => {
-                    seen.insert(key.clone(), Some(new));
-                    EventKind::Ok
-                }
-                Ok(outcome) => {
-                    seen.insert(
-                        key.clone(),
-                        outcome.current.map(|b| String::from_utf8_lossy(&b).into_owned()),
-                    );
-                    EventKind::Fail
-                }
-                Err(e) if !e.outcome_unknown() => EventKind::Fail,
-                Err(_) => EventKind::Info,
-            };
-            recorder.record(process, kind, Op::Cas, &key, operands);
-        }
-    }
 }
 
 /// Injects one fault per interval on a random node, healing it one interval later, until the

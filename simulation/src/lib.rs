@@ -1,12 +1,11 @@
 //! Basalt's simulation and Jepsen-style testing.
 //!
-//! `basalt-sim` will run whole Basalt clusters inside one deterministic simulation (simulated
-//! network, clock and disks, driven by a seed) and, separately, drive real clusters with a
-//! Jepsen-style runner that injects partitions, crashes and restarts while clients record what
-//! they observed. Both produce the same artefact, an operation [`History`], and judge it with the
-//! same checkers, so a bug found by one can be replayed and understood with the other.
-//!
-//! What is here now is that common half, and the runner against real processes:
+//! `basalt-sim` runs whole Basalt clusters inside one deterministic simulation (simulated
+//! network and clock, in-memory disks that lose unsynced writes on a crash, all driven by a seed)
+//! and, separately, drives real clusters with a Jepsen-style runner that kills and pauses real
+//! processes. Both produce the same artefact, an operation [`History`], from the same workload,
+//! and judge it with the same checkers, so a bug found by one can be replayed and understood with
+//! the other.
 //!
 //! - [`history`]: the recorded events, their canonical JSON-lines form and stable hash, and
 //!   their pairing into [`Operation`]s;
@@ -15,8 +14,11 @@
 //!   step budget;
 //! - [`durability`]: no acknowledged write is missing from the final state;
 //! - [`convergence`]: every replica ends with the same state;
+//! - [`workload`]: the client processes, the recorder and the judgement, shared by both harnesses;
+//! - [`sim`]: the deterministic simulator (turmoil hosts running the real server and client code,
+//!   the seeded nemesis, the phases of a run);
 //! - [`jepsen`]: the runner against real `basaltd` processes (SIGKILL, SIGSTOP/SIGCONT,
-//!   restarts), judged by the same checkers.
+//!   restarts).
 //!
 //! Every checker is deterministic: the same history gives the same verdict, byte for byte, on
 //! every machine, which is what lets a failing seed be shared and replayed.
@@ -27,6 +29,8 @@ pub mod history;
 pub mod jepsen;
 pub mod linearizability;
 pub mod model;
+pub mod sim;
+pub mod workload;
 
 pub use convergence::Divergence;
 pub use durability::{AckedWrite, DurabilityFinding};

@@ -26,13 +26,17 @@ async fn a_short_run_with_kills_and_pauses_passes_every_checker() {
     };
     let outcome = jepsen::run(&cfg).await.expect("the run completes");
     assert!(outcome.faults.len() >= 4, "the nemesis acted: {:?}", outcome.faults);
-    assert!(outcome.ok > 100, "the workload made progress: {} ok", outcome.ok);
+    assert!(
+        outcome.judgement.ok > 100,
+        "the workload made progress: {} ok",
+        outcome.judgement.ok
+    );
     assert!(
         outcome.passed(),
         "linearizability: {:?}; durability: {:?}; convergence: {:?}",
-        outcome.linearizability.violations(),
-        outcome.durability,
-        outcome.convergence
+        outcome.judgement.linearizability.violations(),
+        outcome.judgement.durability,
+        outcome.judgement.convergence
     );
 
     // The same real history with its last successful read answered with a value nobody wrote,

@@ -1,8 +1,13 @@
-//! `basalt-sim`: run the Jepsen-style test against real `basaltd` processes, or check a
-//! recorded history.
+//! `basalt-sim`: run one simulated seed (`run`), sweep a range of seeds (`sweep`), run the
+//! Jepsen-style test against real `basaltd` processes (`jepsen`), or check a recorded history
+//! (`check`).
 //!
 //! Exit status: 0 when every checker passed, 1 when one found a violation, 2 on a usage or
 //! set-up error (the run could not be judged).
+//!
+//! `sweep` runs each seed as a child `basalt-sim run` process: a seed's run must own a fresh
+//! process-wide start (tokio numbers its runtimes' seeds from a process-global counter), so a run
+//! in a sweep is exactly the run its replay command repeats.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -11,8 +16,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use basalt_client::cli::duration::parse_duration;
-use basalt_sim::jepsen::{self, Faults, JepsenConfig};
+use basalt_server::PlantedBug;
+use basalt_sim::jepsen::{self, JepsenConfig};
 use basalt_sim::linearizability::{self, CheckConfig, Verdict};
+use basalt_sim::sim::nemesis::Faults;
+use basalt_sim::sim::{self, SimConfig};
+use basalt_sim::workload::Judgement;
 use basalt_sim::History;
 use clap::{Parser, Subcommand};
 
@@ -25,6 +34,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run one seed in the deterministic simulator and check its history.
+    Run(RunArgs),
+    /// Run a range of seeds (in parallel child processes) and report the failing ones.
+    Sweep(SweepArgs),
     /// Start a local cluster of real basaltd processes, run a read/write/CAS workload while
     /// killing and pausing nodes, then check the history.
     Jepsen(JepsenArgs),
@@ -36,6 +49,102 @@ enum Command {
         #[arg(long, default_value_t = CheckConfig::default().max_steps_per_key)]
         max_steps: u64,
     },
+}
+
+/// The simulated cluster and workload (shared by `run` and `sweep`).
+#[derive(clap::Args, Clone)]
+struct SimArgs {
+    /// Nodes in the cluster (3 to 9).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Concurrent client processes.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Distinct keys the clients share.
+    #[arg(long, default_value_t = 3)]
+    keys: usize,
+    /// Simulated time the workload runs.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Stop after this many operations (all clients together).
+    #[arg(long)]
+    ops: Option<u64>,
+    /// Fault kinds: all, none, or a list of partition, loss, delay, crash, pause, skew, membership.
+    #[arg(long, default_value = "all")]
+    faults: Faults,
+    /// Plant a bug the checkers must catch: stale-read or ack-before-quorum.
+    #[arg(long)]
+    planted_bug: Option<PlantedBug>,
+}
+
+impl SimArgs {
+    fn config(&self, seed: u64) -> SimConfig {
+        let mut c = SimConfig::new(seed);
+        c.nodes = self.nodes;
+        c.clients = self.clients;
+        c.keys = self.keys;
+        c.duration = self.duration;
+        c.max_ops = self.ops.unwrap_or(u64::MAX);
+        c.faults = self.faults;
+        c.planted_bug = self.planted_bug;
+        c
+    }
+
+    /// The same options as command-line arguments, for replay commands and child processes.
+    fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            format!("--nodes={}", self.nodes),
+            format!("--clients={}", self.clients),
+            format!("--keys={}", self.keys),
+            format!("--duration={}ms", self.duration.as_millis()),
+            format!("--faults={}", self.faults),
+        ];
+        if let Some(ops) = self.ops {
+            v.push(format!("--ops={ops}"));
+        }
+        if let Some(bug) = self.planted_bug {
+            v.push(format!("--planted-bug={bug}"));
+        }
+        v
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long)]
+    seed: u64,
+    #[command(flatten)]
+    sim: SimArgs,
+    /// Write the history here as JSON lines.
+    #[arg(long)]
+    history: Option<PathBuf>,
+    /// Print only the result line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// Seeds to run, `A..B` (B excluded).
+    #[arg(long, value_parser = parse_seed_range)]
+    seeds: std::ops::Range<u64>,
+    /// Seeds run at once (default: the number of CPUs).
+    #[arg(long)]
+    jobs: Option<usize>,
+    #[command(flatten)]
+    sim: SimArgs,
+}
+
+fn parse_seed_range(raw: &str) -> Result<std::ops::Range<u64>, String> {
+    let (a, b) = raw
+        .split_once("..")
+        .ok_or_else(|| format!("expected A..B, got {raw:?}"))?;
+    let a: u64 = a.trim().parse().map_err(|e| format!("seed range start {a:?}: {e}"))?;
+    let b: u64 = b.trim().parse().map_err(|e| format!("seed range end {b:?}: {e}"))?;
+    if a >= b {
+        return Err(format!("empty seed range {raw:?}"));
+    }
+    Ok(a..b)
 }
 
 #[derive(clap::Args)]
@@ -69,8 +178,8 @@ struct JepsenArgs {
     history: Option<PathBuf>,
 }
 
-fn parse_faults(raw: &str) -> Result<Faults, String> {
-    let mut f = Faults {
+fn parse_faults(raw: &str) -> Result<jepsen::Faults, String> {
+    let mut f = jepsen::Faults {
         kill: false,
         pause: false,
     };
@@ -134,6 +243,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Run(args) => exit(run_command(args)),
+        Command::Sweep(args) => exit(sweep_command(args)),
         Command::Jepsen(args) => match jepsen_command(args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
@@ -170,44 +281,187 @@ fn jepsen_command(a: JepsenArgs) -> Result<bool, String> {
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let outcome = runtime.block_on(jepsen::run(&cfg)).map_err(|e| e.to_string())?;
     if let Some(path) = &a.history {
-        File::create(path)
-            .and_then(|f| {
-                let mut w = BufWriter::new(f);
-                outcome.history.to_json_lines(&mut w)?;
-                w.flush()
-            })
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        write_history(path, &outcome.history)?;
     }
     for (t, what) in &outcome.faults {
         println!("  {t:7.2}s  {what}");
     }
-    println!(
-        "  operations: {} ok, {} failed, {} unknown; history hash {:016x}",
-        outcome.ok,
-        outcome.failed,
-        outcome.unknown,
-        outcome.history.hash()
-    );
-    println!(
-        "  longest time without a successful write: {:?}",
-        outcome.longest_write_gap
-    );
-    print_report(&outcome.linearizability);
-    for finding in &outcome.durability {
-        println!("  LOST {finding}");
-    }
-    println!("  durability: {} findings", outcome.durability.len());
-    for divergence in &outcome.convergence {
-        println!("  DIVERGED {divergence}");
-    }
-    println!(
-        "  convergence: {} keys differ between replicas",
-        outcome.convergence.len()
-    );
+    print_judgement(&outcome.judgement, &outcome.history);
     if outcome.passed() {
         println!("PASS");
     } else {
         println!("FAIL (replay with --seed {seed}; faults are timed, so a replay is similar, not identical)");
     }
     Ok(outcome.passed())
+}
+
+fn exit(result: Result<bool, String>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("basalt-sim: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn write_history(path: &std::path::Path, history: &History) -> Result<(), String> {
+    File::create(path)
+        .and_then(|f| {
+            let mut w = BufWriter::new(f);
+            history.to_json_lines(&mut w)?;
+            w.flush()
+        })
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn print_judgement(j: &Judgement, history: &History) {
+    println!(
+        "  operations: {} ok, {} failed, {} unknown; history hash {:016x}",
+        j.ok,
+        j.failed,
+        j.unknown,
+        history.hash()
+    );
+    println!("  longest time without a successful write: {:?}", j.longest_write_gap);
+    print_report(&j.linearizability);
+    for finding in &j.durability {
+        println!("  LOST {finding}");
+    }
+    println!("  durability: {} findings", j.durability.len());
+    for divergence in &j.convergence {
+        println!("  DIVERGED {divergence}");
+    }
+    println!("  convergence: {} keys differ between replicas", j.convergence.len());
+}
+
+/// The one line `run` always prints last, and `sweep` reads back from its children.
+fn result_line(seed: u64, j: &Judgement, history_hash: u64, trace_hash: u64) -> String {
+    format!(
+        "RESULT seed={seed} {} ops={} violations={} unknown_keys={} lost={} diverged={} history={history_hash:016x} trace={trace_hash:016x}",
+        if j.passed() { "PASS" } else { "FAIL" },
+        j.ok + j.failed + j.unknown,
+        j.linearizability.violations().len(),
+        j.linearizability.unknown().len(),
+        j.durability.len(),
+        j.convergence.len(),
+    )
+}
+
+fn run_command(a: RunArgs) -> Result<bool, String> {
+    let cfg = a.sim.config(a.seed);
+    let started = std::time::Instant::now();
+    let outcome = sim::run(&cfg).map_err(|e| format!("seed {}: {e}", a.seed))?;
+    if let Some(path) = &a.history {
+        write_history(path, &outcome.history)?;
+    }
+    if !a.quiet {
+        println!(
+            "basalt-sim run: seed {}, {} nodes, {} clients, {} keys, workload {:?}, faults {}{}",
+            a.seed,
+            cfg.nodes,
+            cfg.clients,
+            cfg.keys,
+            cfg.duration,
+            cfg.faults,
+            cfg.planted_bug
+                .map(|b| format!(", planted bug {b}"))
+                .unwrap_or_default()
+        );
+        for (t, what) in &outcome.faults {
+            println!("  {t:7.2}s  {what}");
+        }
+        println!(
+            "  {} faults injected; simulated {:?} in {:.1?} of real time",
+            outcome.faults.iter().filter(|(_, w)| !w.starts_with("healed")).count(),
+            outcome.simulated,
+            started.elapsed()
+        );
+        print_judgement(&outcome.judgement, &outcome.history);
+        println!("  trace hash {:016x}", outcome.trace_hash);
+    }
+    println!(
+        "{}",
+        result_line(a.seed, &outcome.judgement, outcome.history.hash(), outcome.trace_hash)
+    );
+    Ok(outcome.passed())
+}
+
+fn sweep_command(a: SweepArgs) -> Result<bool, String> {
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let jobs = a
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let opts = a.sim.to_args();
+    let seeds: Vec<u64> = a.seeds.clone().collect();
+    let total = seeds.len();
+    println!(
+        "basalt-sim sweep: seeds {}..{} ({total}), {jobs} at a time, options {}",
+        a.seeds.start,
+        a.seeds.end,
+        opts.join(" ")
+    );
+    let started = std::time::Instant::now();
+    let queue = std::sync::Mutex::new(seeds.into_iter());
+    let failures = std::sync::Mutex::new(Vec::new());
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(total) {
+            scope.spawn(|| loop {
+                let Some(seed) = queue.lock().expect("no sweep thread panics holding the queue").next() else {
+                    return;
+                };
+                let out = Command::new(&exe)
+                    .arg("run")
+                    .arg(format!("--seed={seed}"))
+                    .args(&opts)
+                    .arg("--quiet")
+                    .stdin(Stdio::null())
+                    .output();
+                let verdict = match out {
+                    Ok(o) => {
+                        let stdout = String::from_utf8_lossy(&o.stdout);
+                        let line = stdout
+                            .lines()
+                            .rev()
+                            .find(|l| l.starts_with("RESULT"))
+                            .map(str::to_owned);
+                        match (o.status.code(), line) {
+                            (Some(0), Some(_)) => None,
+                            (_, Some(line)) => Some(line),
+                            (code, None) => Some(format!(
+                                "seed={seed} ERROR (exit {code:?}): {}",
+                                String::from_utf8_lossy(&o.stderr).trim()
+                            )),
+                        }
+                    }
+                    Err(e) => Some(format!("seed={seed} ERROR: cannot start: {e}")),
+                };
+                if let Some(v) = verdict {
+                    println!("FAIL {v}\n     replay: basalt-sim run --seed {seed} {}", opts.join(" "));
+                    failures
+                        .lock()
+                        .expect("no sweep thread panics holding the list")
+                        .push(seed);
+                }
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if n.is_multiple_of(50) {
+                    eprintln!("  {n}/{total} seeds done");
+                }
+            });
+        }
+    });
+    let failed = failures.into_inner().expect("the sweep threads have ended");
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    println!(
+        "swept {total} seeds in {:.1?}: {} passed, {} failed; {:.1} seeds/min",
+        started.elapsed(),
+        total - failed.len(),
+        failed.len(),
+        total as f64 / minutes.max(1e-9)
+    );
+    Ok(failed.is_empty())
 }
