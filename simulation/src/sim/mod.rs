@@ -163,9 +163,24 @@ fn host(id: u64) -> String {
     format!("n{id}")
 }
 
+fn no_replica() -> Weak<dyn Replication> {
+    Weak::<basalt_consensus::raft::RaftGroup>::new()
+}
+
 fn empty_slot() -> ReplicaSlot {
-    let none: Weak<dyn Replication> = Weak::<basalt_consensus::raft::RaftGroup>::new();
-    Arc::new(Mutex::new(none))
+    Arc::new(Mutex::new(no_replica()))
+}
+
+/// Kills node `id`'s process and drops its disk's unsynced writes; `sim.bounce` restarts it.
+fn crash_node(
+    sim: &mut turmoil::Sim<'_>,
+    id: u64,
+    slots: &BTreeMap<u64, ReplicaSlot>,
+    engines: &BTreeMap<u64, Arc<MemoryEngine>>,
+) {
+    *slots[&id].lock() = no_replica();
+    sim.crash(host(id));
+    engines[&id].crash();
 }
 
 fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
@@ -290,9 +305,7 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
     sim.set_max_message_latency(BASE_MAX_LATENCY);
     sim.set_fail_rate(0.0);
     for &id in &ids {
-        *slots[&id].lock() = Weak::<basalt_consensus::raft::RaftGroup>::new();
-        sim.crash(host(id));
-        engines[&id].crash();
+        crash_node(&mut sim, id, &slots, &engines);
     }
     for &id in &ids {
         sim.bounce(host(id));
@@ -451,9 +464,7 @@ fn inject(
             Vec::new()
         }
         Fault::Crash { node } => {
-            *slots[node].lock() = Weak::<basalt_consensus::raft::RaftGroup>::new();
-            sim.crash(host(*node));
-            engines[node].crash();
+            crash_node(sim, *node, slots, engines);
             Vec::new()
         }
         Fault::Pause { node } => {
