@@ -87,6 +87,13 @@ impl RaftGroupConfig {
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             install_snapshot_timeout: 10_000,
             max_payload_entries: 512,
+            // A leader that restarts must win a new election, never resume its old term.
+            // Resuming is unsafe here: a leader's own log may lose its unsynced tail in a crash
+            // while the followers' quorum has already committed those entries, and a resumed leader
+            // would then write *different* entries under the same (term, index) log ids, which the
+            // followers take for matching ones. The simulator found this as stale reads after a
+            // leader crash (seed 23 with `--faults crash`).
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         c.validate()
@@ -266,6 +273,36 @@ impl RaftGroup {
         Err(ReplicationError::NotLeader { leader_id, leader_addr })
     }
 
+    /// A leader asked to remove itself first hands leadership to the most caught-up other voter
+    /// and answers `NotLeader`, so the caller repeats the request there (as TiKV moves a leader
+    /// off a store before removing its peer). Removing itself directly would leave this node
+    /// leading a group it is not a voter of until the change commits; openraft does not support
+    /// further changes in that window (the simulator hit its assertion with seed 2), and every
+    /// request in it would be forwarded to a leader that is about to step down.
+    async fn hand_over_before_removal(&self, voters: &BTreeSet<u64>) -> ReplicationError {
+        let successor = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            let matched = |id: &u64| m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten());
+            voters
+                .iter()
+                .filter(|&&v| v != self.cfg.node_id)
+                .max_by_key(|v| (matched(v), std::cmp::Reverse(**v)))
+                .copied()
+        };
+        let Some(to) = successor else {
+            return ReplicationError::Membership("no other voter to hand leadership to".into());
+        };
+        if let Err(e) = self.transfer_leader(to).await {
+            return e;
+        }
+        let status = self.status();
+        ReplicationError::NotLeader {
+            leader_id: status.leader_id,
+            leader_addr: status.leader_addr,
+        }
+    }
+
     async fn change(&self, change: ChangeMembers<u64, BasicNode>) -> Result<(), ReplicationError> {
         self.ensure_voting_leader()?;
         self.raft
@@ -367,6 +404,9 @@ impl Replication for RaftGroup {
                         return Err(ReplicationError::Membership(format!(
                             "node {id} is the only voter; removing it would leave no cluster"
                         )));
+                    }
+                    if id == self.cfg.node_id {
+                        return Err(self.hand_over_before_removal(&voters).await);
                     }
                     self.change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
                 }

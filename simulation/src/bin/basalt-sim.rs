@@ -337,15 +337,19 @@ fn print_judgement(j: &Judgement, history: &History) {
 }
 
 /// The one line `run` always prints last, and `sweep` reads back from its children.
-fn result_line(seed: u64, j: &Judgement, history_hash: u64, trace_hash: u64) -> String {
+fn result_line(seed: u64, outcome: &sim::SimOutcome) -> String {
+    let j = &outcome.judgement;
     format!(
-        "RESULT seed={seed} {} ops={} violations={} unknown_keys={} lost={} diverged={} history={history_hash:016x} trace={trace_hash:016x}",
-        if j.passed() { "PASS" } else { "FAIL" },
+        "RESULT seed={seed} {} ops={} violations={} unknown_keys={} lost={} diverged={} panics={} history={:016x} trace={:016x}",
+        if outcome.passed() { "PASS" } else { "FAIL" },
         j.ok + j.failed + j.unknown,
         j.linearizability.violations().len(),
         j.linearizability.unknown().len(),
         j.durability.len(),
         j.convergence.len(),
+        outcome.panics.len(),
+        outcome.history.hash(),
+        outcome.trace_hash,
     )
 }
 
@@ -379,12 +383,12 @@ fn run_command(a: RunArgs) -> Result<bool, String> {
             started.elapsed()
         );
         print_judgement(&outcome.judgement, &outcome.history);
+        for panic in &outcome.panics {
+            println!("  PANIC {panic}");
+        }
         println!("  trace hash {:016x}", outcome.trace_hash);
     }
-    println!(
-        "{}",
-        result_line(a.seed, &outcome.judgement, outcome.history.hash(), outcome.trace_hash)
-    );
+    println!("{}", result_line(a.seed, &outcome));
     Ok(outcome.passed())
 }
 

@@ -128,12 +128,44 @@ pub struct SimOutcome {
     pub trace_hash: u64,
     /// Simulated time the whole run took, recovery included.
     pub simulated: Duration,
+    /// Panics inside the simulation (a node's or client's task), each with its location. Tokio
+    /// contains a task's panic, so without this list a panicking Raft core would only show as a
+    /// node that stopped answering; any panic fails the run.
+    pub panics: Vec<String>,
 }
 
 impl SimOutcome {
     pub fn passed(&self) -> bool {
-        self.judgement.passed()
+        self.judgement.passed() && self.panics.is_empty()
     }
+}
+
+thread_local! {
+    /// Set on a simulation thread: the panic hook records panics raised on it.
+    static PANICS: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Starts recording panics raised on this thread (see [`SimOutcome::panics`]). The hook is
+/// process-wide and installed once; it keeps the previous hook's output, so a recorded panic is
+/// still printed with its backtrace.
+fn record_panics_on_this_thread() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.with(|p| {
+                if let Some(list) = p.borrow_mut().as_mut() {
+                    list.push(info.to_string().replace('\n', " "));
+                }
+            });
+            previous(info);
+        }));
+    });
+    PANICS.with(|p| *p.borrow_mut() = Some(Vec::new()));
+}
+
+fn recorded_panics() -> Vec<String> {
+    PANICS.with(|p| p.borrow_mut().take().unwrap_or_default())
 }
 
 /// Runs one seed on a fresh thread (see the module documentation) and judges it.
@@ -185,6 +217,7 @@ fn crash_node(
 
 fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
     entropy::seed_this_thread(cfg.seed);
+    record_panics_on_this_thread();
     basalt_consensus::raft::blocking::run_inline_on_this_thread();
     let schedule = Schedule::generate(cfg.seed, &cfg.faults, cfg.nodes, cfg.duration);
     let dir = tempfile::tempdir()?;
@@ -349,6 +382,7 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
         faults,
         trace_hash: trace.0,
         simulated: sim.elapsed(),
+        panics: recorded_panics(),
     })
 }
 
