@@ -244,42 +244,75 @@ impl RaftGroup {
         }
     }
 
+    /// The voters the group is heading for and every node's address. In a joint configuration
+    /// (a change whose second step has not been written yet) the voters are those of the newest
+    /// configuration, the one the group ends in.
     fn membership(&self) -> (BTreeSet<u64>, BTreeMap<u64, String>) {
         let m = self.raft.metrics();
         let m = m.borrow_watched();
         let mem = m.membership_config.membership();
-        let voters = mem.voter_ids().collect();
+        let voters = mem.get_joint_config().last().cloned().unwrap_or_default();
         let nodes = mem.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
         (voters, nodes)
     }
 
-    /// Membership changes go only through a leader that is itself a voter. A leader that has just
-    /// removed itself still holds its term but no longer acts as leader (openraft asserts on a
-    /// further change there, found by the simulator removing and re-adding a leader); refusing
-    /// with `NotLeader` sends the caller on to the leader the remaining voters elect.
-    fn ensure_voting_leader(&self) -> Result<(), ReplicationError> {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        if m.state == ServerState::Leader
-            && m.membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| v == self.cfg.node_id)
-        {
-            return Ok(());
+    /// Brings the group to a state where this node may change its membership, or says where to
+    /// go instead. Three things must hold, each found missing by the simulator:
+    ///
+    /// - **This node leads** (checked here, and again by openraft when the change is written).
+    /// - **It stays a voter.** A leader outside the configuration it is heading for keeps its term
+    ///   but stops acting as leader once that configuration commits, and openraft asserts on any
+    ///   further change there (seeds 1 and 2). Such a leader hands leadership to a voter of the new
+    ///   configuration and answers `NotLeader`, so the caller repeats the request there; TiKV
+    ///   likewise moves a leader off a peer before removing it.
+    /// - **No joint configuration is left over.** openraft writes a change's second, uniform step
+    ///   only while the caller waits, so a change whose caller timed out or lost leadership stays
+    ///   joint; a further change would then be computed from the half-finished one, and "already a
+    ///   voter" would be judged on the union of both. The leftover is finished first.
+    async fn prepare_change(&self) -> Result<(), ReplicationError> {
+        let (joint, leader_voters) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            if m.state != ServerState::Leader {
+                let leader_id = m.current_leader.filter(|&l| l != self.cfg.node_id);
+                let leader_addr =
+                    leader_id.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+                return Err(ReplicationError::NotLeader { leader_id, leader_addr });
+            }
+            let mem = m.membership_config.membership();
+            (mem.get_joint_config().len() > 1, mem.get_joint_config().last().cloned())
+        };
+        let voters = leader_voters.unwrap_or_default();
+        if !voters.contains(&self.cfg.node_id) {
+            return Err(self.hand_over_to_one_of(&voters).await);
         }
-        let leader_id = m.current_leader.filter(|&l| l != self.cfg.node_id);
-        let leader_addr = leader_id.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
-        Err(ReplicationError::NotLeader { leader_id, leader_addr })
+        if joint {
+            // An empty change writes just the uniform step of the leftover change.
+            self.write_change(ChangeMembers::AddVoterIds(BTreeSet::new())).await?;
+        }
+        Ok(())
     }
 
-    /// A leader asked to remove itself first hands leadership to the most caught-up other voter
-    /// and answers `NotLeader`, so the caller repeats the request there (as TiKV moves a leader
-    /// off a store before removing its peer). Removing itself directly would leave this node
-    /// leading a group it is not a voter of until the change commits; openraft does not support
-    /// further changes in that window (the simulator hit its assertion with seed 2), and every
-    /// request in it would be forwarded to a leader that is about to step down.
-    async fn hand_over_before_removal(&self, voters: &BTreeSet<u64>) -> ReplicationError {
+    /// Waits until the membership this leader sees is committed and applied, so "already a
+    /// voter" is never said of a configuration the group may still drop.
+    async fn membership_applied(&self) -> Result<(), ReplicationError> {
+        self.read_barrier().await?;
+        let index = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            m.membership_config.log_id().as_ref().map(|l| l.index)
+        };
+        self.raft
+            .wait(Some(self.cfg.request_timeout))
+            .applied_index_at_least(index, "the membership is applied")
+            .await
+            .map(|_| ())
+            .map_err(|e| ReplicationError::QuorumUnavailable(format!("waiting for the membership to apply: {e}")))
+    }
+
+    /// Hands leadership to the most caught-up node of `voters` other than this one, then answers
+    /// `NotLeader` naming the new leader.
+    async fn hand_over_to_one_of(&self, voters: &BTreeSet<u64>) -> ReplicationError {
         let successor = {
             let m = self.raft.metrics();
             let m = m.borrow_watched();
@@ -303,13 +336,23 @@ impl RaftGroup {
         }
     }
 
+    /// Writes one membership change, both of its steps, on a task of its own: a caller that
+    /// gives up (its deadline, a dropped connection) stops waiting but does not stop the change
+    /// halfway, in a joint configuration.
+    async fn write_change(&self, change: ChangeMembers<u64, BasicNode>) -> Result<(), ReplicationError> {
+        let raft = self.raft.clone();
+        let task = tokio::spawn(async move { raft.change_membership(change, false).await });
+        match task.await {
+            Ok(result) => result.map(|_| ()).map_err(|e| self.write_error(e)),
+            Err(e) => Err(ReplicationError::Stopped(format!(
+                "the membership change task ended: {e}"
+            ))),
+        }
+    }
+
     async fn change(&self, change: ChangeMembers<u64, BasicNode>) -> Result<(), ReplicationError> {
-        self.ensure_voting_leader()?;
-        self.raft
-            .change_membership(change, false)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.write_error(e))
+        self.prepare_change().await?;
+        self.write_change(change).await
     }
 }
 
@@ -368,11 +411,11 @@ impl Replication for RaftGroup {
             // Only the leader may judge "already a member": a removed node still lists itself,
             // and answering from its view told the simulator's operator that a node was back
             // when the group had not re-added it.
-            self.ensure_voting_leader()?;
+            self.prepare_change().await?;
             let (voters, nodes) = self.membership();
             if voters.contains(&id) {
                 return match nodes.get(&id) {
-                    Some(a) if *a == addr => self.read_barrier().await.map(|_| ()),
+                    Some(a) if *a == addr => self.membership_applied().await,
                     Some(a) => Err(ReplicationError::Membership(format!(
                         "node {id} is already a member at {a}, not {addr}"
                     ))),
@@ -381,7 +424,6 @@ impl Replication for RaftGroup {
             }
             // Join as a learner first and wait until it has caught up, so adding a voter never
             // leaves the group waiting on a member that has none of the log.
-            self.ensure_voting_leader()?;
             self.raft
                 .add_learner(id, BasicNode::new(&addr), true)
                 .await
@@ -394,7 +436,7 @@ impl Replication for RaftGroup {
         Box::pin(self.bounded(
             "remove member",
             async move {
-                self.ensure_voting_leader()?;
+                self.prepare_change().await?;
                 let (voters, nodes) = self.membership();
                 if !nodes.contains_key(&id) {
                     return Err(ReplicationError::UnknownMember(id));
@@ -406,7 +448,7 @@ impl Replication for RaftGroup {
                         )));
                     }
                     if id == self.cfg.node_id {
-                        return Err(self.hand_over_before_removal(&voters).await);
+                        return Err(self.hand_over_to_one_of(&voters).await);
                     }
                     self.change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
                 }

@@ -155,7 +155,8 @@ fn record_panics_on_this_thread() {
         std::panic::set_hook(Box::new(move |info| {
             PANICS.with(|p| {
                 if let Some(list) = p.borrow_mut().as_mut() {
-                    list.push(info.to_string().replace('\n', " "));
+                    let at = turmoil::sim_elapsed().unwrap_or_default().as_secs_f64();
+                    list.push(format!("at {at:.2}s: {}", info.to_string().replace('\n', " ")));
                 }
             });
             previous(info);
