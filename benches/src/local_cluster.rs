@@ -22,6 +22,12 @@
 //!   directory `<base>/node-N`, and every launch writes a header line with its full command line.
 //!   Start-up errors quote the tail of that log so a failure is diagnosable without the files.
 //!
+//! - **Where nodes run.** By default every node is a plain child process on 127.0.0.1. With
+//!   [`LocalClusterOptions::hosts`] each node runs through the given [`NodeHosts`] instead (the
+//!   Jepsen runner puts each node in a network namespace of its own, so it can cut links), on that
+//!   host's address and the fixed ports [`HOSTED_PORT`] and [`HOSTED_METRICS_PORT`]. The wrapper must
+//!   exec the node in place, so the child's pid is the node's and signals reach it.
+//!
 //! All methods take `&self` (state sits behind one mutex, never held across an `.await`), so a
 //! harness can share one cluster between a nemesis task and its clients through an `Arc`.
 
@@ -29,11 +35,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use basalt_client::{Client, ClientConfig, ClientError};
@@ -46,6 +52,20 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long [`LocalCluster::terminate`] waits after SIGTERM before it falls back to SIGKILL.
 pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The client/peer port of a node run through [`NodeHosts`]: each such node has an address of
+/// its own, so every node can use the same port.
+pub const HOSTED_PORT: u16 = 7379;
+/// The metrics port of a node run through [`NodeHosts`].
+pub const HOSTED_METRICS_PORT: u16 = 9100;
+
+/// Runs nodes somewhere other than as plain processes on 127.0.0.1; see the module documentation.
+pub trait NodeHosts: Send + Sync + std::fmt::Debug {
+    /// The address node `id` listens on (with [`HOSTED_PORT`] and [`HOSTED_METRICS_PORT`]).
+    fn ip(&self, id: u64) -> IpAddr;
+    /// A command that runs `program` as node `id`, replacing itself with it (exec, not fork).
+    fn command(&self, id: u64, program: &Path) -> Command;
+}
 
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const LEADER_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -72,6 +92,8 @@ pub struct LocalClusterOptions {
     pub extra_args: Vec<String>,
     /// Passed as `--snapshot-threshold` when set.
     pub snapshot_threshold: Option<u64>,
+    /// Where nodes run; `None`: plain processes on 127.0.0.1 with reserved free ports.
+    pub hosts: Option<Arc<dyn NodeHosts>>,
 }
 
 impl LocalClusterOptions {
@@ -83,6 +105,7 @@ impl LocalClusterOptions {
             base_dir: None,
             extra_args: Vec::new(),
             snapshot_threshold: None,
+            hosts: None,
         }
     }
 }
@@ -310,7 +333,7 @@ impl Node {
     }
 
     /// Starts the process and returns the log offset at which this launch's output begins.
-    fn launch(&mut self, basaltd: &Path) -> Result<u64, ClusterError> {
+    fn launch(&mut self, basaltd: &Path, hosts: Option<&dyn NodeHosts>) -> Result<u64, ClusterError> {
         let id = self.spec.id;
         let log_path = &self.spec.log_path;
         let mut log = OpenOptions::new()
@@ -337,7 +360,11 @@ impl Node {
         let stderr = log
             .try_clone()
             .map_err(io_error(format!("duplicating the handle of {}", log_path.display())))?;
-        let child = Command::new(basaltd)
+        let mut command = match hosts {
+            Some(hosts) => hosts.command(id, basaltd),
+            None => Command::new(basaltd),
+        };
+        let child = command
             .args(&self.spec.args)
             .stdin(Stdio::null())
             .stdout(log)
@@ -363,6 +390,7 @@ pub struct LocalCluster {
     nodes: Mutex<BTreeMap<u64, Node>>,
     /// One single-endpoint client per node for status probes, created on first use.
     status_clients: Mutex<BTreeMap<u64, Client>>,
+    hosts: Option<Arc<dyn NodeHosts>>,
 }
 
 impl LocalCluster {
@@ -394,12 +422,23 @@ impl LocalCluster {
         };
 
         let ids: Vec<u64> = (1..=options.nodes as u64).collect();
-        let ports = reserve_ports(2 * ids.len(), &BTreeSet::new()).map_err(io_error("reserving local ports"))?;
-        let (listen_ports, metrics_ports) = ports.split_at(ids.len());
+        let addresses: Vec<(SocketAddr, SocketAddr)> = match &options.hosts {
+            Some(hosts) => ids.iter().map(|&id| hosted_addresses(hosts.as_ref(), id)).collect(),
+            None => {
+                let ports =
+                    reserve_ports(2 * ids.len(), &BTreeSet::new()).map_err(io_error("reserving local ports"))?;
+                let (listen, metrics) = ports.split_at(ids.len());
+                listen
+                    .iter()
+                    .zip(metrics)
+                    .map(|(&l, &m)| (loopback(l), loopback(m)))
+                    .collect()
+            }
+        };
         let initial_cluster = ids
             .iter()
-            .zip(listen_ports)
-            .map(|(id, port)| format!("{id}={}", loopback(*port)))
+            .zip(&addresses)
+            .map(|(id, (listen, _))| format!("{id}={listen}"))
             .collect::<Vec<_>>()
             .join(",");
 
@@ -411,8 +450,8 @@ impl LocalCluster {
         common_args.extend(options.extra_args.into_iter().map(OsString::from));
 
         let mut nodes = BTreeMap::new();
-        for ((&id, &listen_port), &metrics_port) in ids.iter().zip(listen_ports).zip(metrics_ports) {
-            let mut spec = node_spec(&base_dir, id, listen_port, metrics_port)?;
+        for (&id, &(listen, metrics)) in ids.iter().zip(&addresses) {
+            let mut spec = node_spec(&base_dir, id, listen, metrics)?;
             spec.args.push("--initial-cluster".into());
             spec.args.push(initial_cluster.clone().into());
             spec.args.extend(common_args.iter().cloned());
@@ -428,6 +467,7 @@ impl LocalCluster {
             common_args,
             nodes: Mutex::new(nodes),
             status_clients: Mutex::new(BTreeMap::new()),
+            hosts: options.hosts,
         };
         let mut launched = Vec::with_capacity(ids.len());
         {
@@ -436,7 +476,7 @@ impl LocalCluster {
                 let node = nodes
                     .get_mut(id)
                     .expect("every id in `ids` was inserted into `nodes` above");
-                launched.push((*id, node.launch(&cluster.basaltd)?));
+                launched.push((*id, node.launch(&cluster.basaltd, cluster.hosts.as_deref())?));
             }
         }
         // Nodes start concurrently, so one deadline covers them all.
@@ -648,7 +688,7 @@ impl LocalCluster {
             if node.process.is_some() {
                 return Err(ClusterError::AlreadyRunning { id });
             }
-            node.launch(&self.basaltd)?
+            node.launch(&self.basaltd, self.hosts.as_deref())?
         };
         self.wait_ready(id, offset, Instant::now() + READY_TIMEOUT).await
     }
@@ -662,16 +702,22 @@ impl LocalCluster {
             if nodes.contains_key(&id) {
                 return Err(ClusterError::DuplicateNode { id });
             }
-            let taken: BTreeSet<u16> = nodes
-                .values()
-                .flat_map(|node| [node.spec.listen.port(), node.spec.metrics.port()])
-                .collect();
-            let ports = reserve_ports(2, &taken).map_err(io_error("reserving local ports"))?;
-            let mut spec = node_spec(&self.base_dir, id, ports[0], ports[1])?;
+            let (listen, metrics) = match &self.hosts {
+                Some(hosts) => hosted_addresses(hosts.as_ref(), id),
+                None => {
+                    let taken: BTreeSet<u16> = nodes
+                        .values()
+                        .flat_map(|node| [node.spec.listen.port(), node.spec.metrics.port()])
+                        .collect();
+                    let ports = reserve_ports(2, &taken).map_err(io_error("reserving local ports"))?;
+                    (loopback(ports[0]), loopback(ports[1]))
+                }
+            };
+            let mut spec = node_spec(&self.base_dir, id, listen, metrics)?;
             spec.args.push("--join".into());
             spec.args.extend(self.common_args.iter().cloned());
             let node = nodes.entry(id).or_insert(Node::new(spec));
-            node.launch(&self.basaltd)?
+            node.launch(&self.basaltd, self.hosts.as_deref())?
         };
         self.wait_ready(id, offset, Instant::now() + READY_TIMEOUT).await?;
         self.endpoint(id)
@@ -823,13 +869,19 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-fn node_spec(base_dir: &Path, id: u64, listen_port: u16, metrics_port: u16) -> Result<NodeSpec, ClusterError> {
+fn hosted_addresses(hosts: &dyn NodeHosts, id: u64) -> (SocketAddr, SocketAddr) {
+    let ip = hosts.ip(id);
+    (
+        SocketAddr::new(ip, HOSTED_PORT),
+        SocketAddr::new(ip, HOSTED_METRICS_PORT),
+    )
+}
+
+fn node_spec(base_dir: &Path, id: u64, listen: SocketAddr, metrics: SocketAddr) -> Result<NodeSpec, ClusterError> {
     let data_dir = base_dir.join(format!("node-{id}"));
     if data_dir.exists() {
         return Err(ClusterError::DataDirExists { path: data_dir });
     }
-    let listen = loopback(listen_port);
-    let metrics = loopback(metrics_port);
     let args = vec![
         "--node-id".into(),
         id.to_string().into(),
@@ -992,10 +1044,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join("node-3")).unwrap();
         assert!(matches!(
-            node_spec(dir.path(), 3, 1000, 1001),
+            node_spec(dir.path(), 3, loopback(1000), loopback(1001)),
             Err(ClusterError::DataDirExists { .. })
         ));
-        let spec = node_spec(dir.path(), 4, 1000, 1001).unwrap();
+        let spec = node_spec(dir.path(), 4, loopback(1000), loopback(1001)).unwrap();
         assert_eq!(spec.log_path, dir.path().join("node-4.log"));
         assert_eq!(spec.data_dir, dir.path().join("node-4"));
         assert_eq!(spec.listen.to_string(), "127.0.0.1:1000");

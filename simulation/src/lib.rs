@@ -18,7 +18,8 @@
 //! - [`sim`]: the deterministic simulator (turmoil hosts running the real server and client code,
 //!   the seeded nemesis, the phases of a run);
 //! - [`jepsen`]: the runner against real `basaltd` processes (SIGKILL, SIGSTOP/SIGCONT,
-//!   restarts).
+//!   restarts, partitions);
+//! - [`netns`]: the network namespaces that let the Jepsen runner partition real processes.
 //!
 //! Every checker is deterministic: the same history gives the same verdict, byte for byte, on
 //! every machine, which is what lets a failing seed be shared and replayed.
@@ -29,6 +30,7 @@ pub mod history;
 pub mod jepsen;
 pub mod linearizability;
 pub mod model;
+pub mod netns;
 pub mod sim;
 pub mod workload;
 

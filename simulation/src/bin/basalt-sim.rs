@@ -161,7 +161,8 @@ struct JepsenArgs {
     /// Distinct keys the clients share (few, so operations conflict).
     #[arg(long, default_value_t = 5)]
     keys: usize,
-    /// Comma-separated faults: kill, pause (or none).
+    /// Comma-separated faults: kill, pause, partition (or none). Partitions put each node in a
+    /// network namespace of its own, which needs root.
     #[arg(long, default_value = "kill,pause")]
     faults: String,
     /// Time between faults; each fault lasts this long.
@@ -182,13 +183,15 @@ fn parse_faults(raw: &str) -> Result<jepsen::Faults, String> {
     let mut f = jepsen::Faults {
         kill: false,
         pause: false,
+        partition: false,
     };
     for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part {
             "kill" => f.kill = true,
             "pause" => f.pause = true,
+            "partition" => f.partition = true,
             "none" => {}
-            other => return Err(format!("unknown fault {other:?} (kill, pause, none)")),
+            other => return Err(format!("unknown fault {other:?} (kill, pause, partition, none)")),
         }
     }
     Ok(f)
@@ -278,8 +281,7 @@ fn jepsen_command(a: JepsenArgs) -> Result<bool, String> {
         "basalt-sim jepsen: {} nodes, {} clients, {} keys, {:?}, faults {faults:?} every {:?}, seed {seed}",
         cfg.nodes, cfg.clients, cfg.keys, cfg.duration, cfg.fault_interval
     );
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let outcome = runtime.block_on(jepsen::run(&cfg)).map_err(|e| e.to_string())?;
+    let outcome = jepsen::run(&cfg).map_err(|e| e.to_string())?;
     if let Some(path) = &a.history {
         write_history(path, &outcome.history)?;
     }

@@ -40,7 +40,7 @@ use basalt_server::{Node, NodeEnv, PlantedBug};
 use basalt_storage::MemoryEngine;
 use parking_lot::Mutex;
 
-use self::nemesis::{Fault, Faults, Schedule, Split};
+use self::nemesis::{Fault, Faults, Schedule};
 use crate::history::{Fnv1a, History, HistoryError};
 use crate::workload::{client_process, read_all, Judgement, Recorder, State};
 
@@ -474,17 +474,11 @@ fn inject(
 ) -> Vec<(u64, u64)> {
     match fault {
         Fault::Partition(split) => {
-            let pairs = match split {
-                Split::Sides(a, b) => a.iter().flat_map(|&x| b.iter().map(move |&y| (x, y))).collect(),
-                Split::Links(pairs) => pairs.clone(),
-                Split::IsolateLeader => {
-                    let leader = ids
-                        .iter()
-                        .find_map(|id| slots[id].lock().upgrade().and_then(|r| r.status().leader_id))
-                        .unwrap_or(ids[0]);
-                    ids.iter().filter(|&&o| o != leader).map(|&o| (leader, o)).collect()
-                }
-            };
+            let leader = ids
+                .iter()
+                .find_map(|id| slots[id].lock().upgrade().and_then(|r| r.status().leader_id))
+                .unwrap_or(ids[0]);
+            let pairs = split.pairs(ids, leader);
             for &(a, b) in &pairs {
                 sim.partition(host(a), host(b));
             }

@@ -143,6 +143,23 @@ pub enum Split {
     Links(Vec<(u64, u64)>),
 }
 
+impl Split {
+    /// A partition drawn from `rng`: an isolated leader, a majority/minority split or (with five
+    /// nodes or more) a bridge. The Jepsen runner draws its partitions here too.
+    pub fn random(rng: &mut StdRng, ids: &[u64]) -> Split {
+        split(rng, ids)
+    }
+
+    /// The node pairs to cut, given which node leads now (for [`Split::IsolateLeader`]).
+    pub fn pairs(&self, ids: &[u64], leader: u64) -> Vec<(u64, u64)> {
+        match self {
+            Split::Sides(a, b) => a.iter().flat_map(|&x| b.iter().map(move |&y| (x, y))).collect(),
+            Split::Links(pairs) => pairs.clone(),
+            Split::IsolateLeader => ids.iter().filter(|&&o| o != leader).map(|&o| (leader, o)).collect(),
+        }
+    }
+}
+
 /// One process or network fault; it lasts until its scheduled heal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
