@@ -50,6 +50,11 @@ async fn a_flipped_byte_in_a_stored_value_is_detected_and_the_replica_stops_serv
         .restart(id)
         .await
         .expect("the node starts: the damage is in data, not the log");
+    // A restarted leader wins a new election before it serves (it never resumes its old term).
+    cluster
+        .wait_for_leader(std::time::Duration::from_secs(10))
+        .await
+        .expect("the node elects itself");
     let mut kv = KvClient::connect(endpoint).await.expect("connect");
     let get = |key: &'static str| GetRequest {
         key: Bytes::from_static(key.as_bytes()),

@@ -90,7 +90,7 @@ fn a_write_acknowledged_before_a_quorum_has_it_is_caught() {
 
 #[test]
 fn the_ci_sample_of_seeds_passes_with_every_fault_on() {
-    let seeds = std::env::var("BASALT_SIM_SEEDS").unwrap_or_else(|_| "1..9".to_string());
+    let seeds = std::env::var("BASALT_SIM_SEEDS").unwrap_or_else(|_| "1..17".to_string());
     let (code, out) = basalt_sim(&["sweep", "--seeds", &seeds, "--duration", "10s", "--faults", "all"]);
     assert_eq!(code, 0, "failing seeds (each with its replay command):\n{out}");
 }
