@@ -2,6 +2,8 @@
 #
 # - Installs libclang (RocksDB's Rust bindings are generated with bindgen) if it is missing, using
 #   apt-get on Debian/Ubuntu; as root directly, otherwise through sudo.
+# - As root, installs iproute2 (`ip`) if it is missing: the Jepsen runner's partition tests put
+#   nodes in network namespaces with it. Without root those tests are skipped, so nothing is needed.
 # - Points CARGO_TARGET_DIR at a cache outside the checkout, so a fresh clone reuses the
 #   RocksDB build (about 11 minutes cold on 2 cores) instead of starting over.
 
@@ -26,4 +28,10 @@ if ! have_libclang; then
         echo "basalt: please install libclang (e.g. libclang-dev) and re-run" >&2
         exit 1
     fi
+fi
+
+if [ "$(id -u)" -eq 0 ] && ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "basalt: installing iproute2 (the Jepsen runner partitions nodes with \`ip netns\`)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null ||
+        echo "basalt: could not install iproute2; the partition tests will be skipped" >&2
 fi

@@ -57,6 +57,25 @@ pub enum NetnsError {
     NodeId(u64),
 }
 
+/// Whether this machine can run [`Namespaces`]: `Err` says why not (not root, no `ip`).
+pub fn available() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        return Err(format!("network namespaces need root; this process runs as uid {uid}"));
+    }
+    match Command::new("ip")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("`ip -V` exited with {s}")),
+        Err(e) => Err(format!("the `ip` tool (iproute2) cannot run: {e}")),
+    }
+}
+
 /// The namespaces of one run; see the module documentation.
 #[derive(Debug)]
 pub struct Namespaces {
@@ -251,11 +270,6 @@ mod tests {
 
     use super::*;
 
-    fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        unsafe { libc::geteuid() == 0 }
-    }
-
     /// Connects from a fresh thread in namespace `from` and reads one byte: true if it arrived.
     fn reaches(from: String, to: SocketAddr) -> bool {
         std::thread::spawn(move || {
@@ -274,8 +288,8 @@ mod tests {
 
     #[test]
     fn a_cut_separates_two_nodes_but_not_the_clients_and_heal_restores_it() {
-        if !is_root() {
-            eprintln!("SKIPPED: network namespaces need root");
+        if let Err(why) = available() {
+            eprintln!("SKIPPED: {why}");
             return;
         }
         let ns = Namespaces::create(&[1, 2]).expect("create namespaces");

@@ -61,11 +61,10 @@ fn a_short_run_with_kills_and_pauses_passes_every_checker() {
 
 #[test]
 fn a_short_run_with_partitions_passes_every_checker() {
-    // Network namespaces need root; say so rather than pass silently or fail on a machine that
-    // cannot run this (the kill/pause run above still covers real processes there).
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: partitions need network namespaces, which need root");
+    // Network namespaces need root and `ip`; say so rather than pass silently or fail on a
+    // machine that cannot run this (the kill/pause run above still covers real processes there).
+    if let Err(why) = basalt_sim::netns::available() {
+        eprintln!("SKIPPED: partitions need network namespaces: {why}");
         return;
     }
     let cfg = JepsenConfig {
