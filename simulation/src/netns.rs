@@ -80,7 +80,6 @@ pub fn available() -> Result<(), String> {
 #[derive(Debug)]
 pub struct Namespaces {
     tag: String,
-    nodes: Vec<u64>,
     /// Node pairs cut now, each with the smaller id first. Behind a lock so the namespaces can be
     /// shared with the cluster that launches nodes in them.
     cuts: Mutex<BTreeSet<(u64, u64)>>,
@@ -108,7 +107,6 @@ impl Namespaces {
         );
         let mut ns = Namespaces {
             tag,
-            nodes: nodes.to_vec(),
             cuts: Mutex::new(BTreeSet::new()),
             created: Vec::new(),
         };
@@ -174,10 +172,6 @@ impl Namespaces {
             }
         }
         Ok(())
-    }
-
-    pub fn node_ids(&self) -> &[u64] {
-        &self.nodes
     }
 
     fn hub(&self) -> String {

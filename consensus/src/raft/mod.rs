@@ -198,6 +198,16 @@ impl RaftGroup {
         m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
+    /// `NotLeader` naming whoever this replica now believes leads (never itself).
+    fn not_leader_now(&self) -> ReplicationError {
+        let status = self.status();
+        let leader_id = status.leader_id.filter(|&l| l != self.cfg.node_id);
+        ReplicationError::NotLeader {
+            leader_id,
+            leader_addr: leader_id.and(status.leader_addr),
+        }
+    }
+
     fn not_leader(&self, f: &openraft::errors::ForwardToLeader<types::TypeConfig>) -> ReplicationError {
         ReplicationError::NotLeader {
             leader_id: f.leader_id,
@@ -270,19 +280,19 @@ impl RaftGroup {
     ///   joint; a further change would then be computed from the half-finished one, and "already a
     ///   voter" would be judged on the union of both. The leftover is finished first.
     async fn prepare_change(&self) -> Result<(), ReplicationError> {
-        let (joint, leader_voters) = {
+        let (leading, joint, voters) = {
             let m = self.raft.metrics();
             let m = m.borrow_watched();
-            if m.state != ServerState::Leader {
-                let leader_id = m.current_leader.filter(|&l| l != self.cfg.node_id);
-                let leader_addr =
-                    leader_id.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
-                return Err(ReplicationError::NotLeader { leader_id, leader_addr });
-            }
-            let mem = m.membership_config.membership();
-            (mem.get_joint_config().len() > 1, mem.get_joint_config().last().cloned())
+            let configs = m.membership_config.membership().get_joint_config();
+            (
+                m.state == ServerState::Leader,
+                configs.len() > 1,
+                configs.last().cloned().unwrap_or_default(),
+            )
         };
-        let voters = leader_voters.unwrap_or_default();
+        if !leading {
+            return Err(self.not_leader_now());
+        }
         if !voters.contains(&self.cfg.node_id) {
             return Err(self.hand_over_to_one_of(&voters).await);
         }
@@ -326,13 +336,9 @@ impl RaftGroup {
         let Some(to) = successor else {
             return ReplicationError::Membership("no other voter to hand leadership to".into());
         };
-        if let Err(e) = self.transfer_leader(to).await {
-            return e;
-        }
-        let status = self.status();
-        ReplicationError::NotLeader {
-            leader_id: status.leader_id,
-            leader_addr: status.leader_addr,
+        match self.transfer_leader(to).await {
+            Ok(()) => self.not_leader_now(),
+            Err(e) => e,
         }
     }
 
@@ -480,10 +486,7 @@ impl Replication for RaftGroup {
                     return Ok(());
                 }
                 if status.role != Role::Leader {
-                    return Err(ReplicationError::NotLeader {
-                        leader_id: status.leader_id,
-                        leader_addr: status.leader_addr,
-                    });
+                    return Err(self.not_leader_now());
                 }
                 self.raft
                     .trigger()
