@@ -1,7 +1,9 @@
 //! [`Client`]: the public Rust API of Basalt (key-value operations and cluster administration).
 //!
 //! A `Client` is a cheap handle (`Arc` inside) meant to be cloned into many tasks; all clones share
-//! one routing cache, one set of channels and one write session.
+//! one routing cache, one set of channels and one write session. A client targets one keyspace
+//! ([`DEFAULT_KEYSPACE`] unless [`Client::with_keyspace`] says otherwise); handles for other
+//! keyspaces are clones too, so one session numbers the writes to all of them.
 //!
 //! Invariants:
 //! - Every write (`put`, `delete`, `compare_and_swap`) takes exactly one session sequence number
@@ -11,7 +13,14 @@
 //!   idempotent. An admin call whose earlier attempt was applied but unanswered is retried like
 //!   any other, so the retry may report the server's verdict on the repeated change (for example
 //!   that the member already exists) rather than the original success.
-//! - Every call is bounded by the configured deadline; no call waits forever.
+//! - Every key-value request names the handle's keyspace explicitly, never the empty string, so
+//!   that what a request targets does not depend on a server-side default.
+//! - Every call is bounded by the configured deadline; no call waits forever. A scan that follows
+//!   its cursor through several shards is one call: all its requests share one deadline.
+//! - A scan never returns a pair twice or skips one, however the range is split into shards:
+//!   each request continues from the cursor of the previous response, and a response that could
+//!   make no progress (no pairs, and a cursor that goes nowhere) is reported as a protocol
+//!   violation instead of being asked again forever.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,16 +29,19 @@ use basalt_proto::v1::admin_client::AdminClient;
 use basalt_proto::v1::compare_and_swap_request::Expected;
 use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::{
-    AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, CompareAndSwapRequest, DeleteRequest, GetRequest,
-    PutRequest, RemoveMemberRequest, ScanRequest, TransferLeaderRequest,
+    AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, CompareAndSwapRequest, CreateKeyspaceRequest,
+    DeleteRequest, DescribeKeyspaceRequest, DropKeyspaceRequest, GetRequest, Keyspace, ListKeyspacesRequest,
+    ListShardsRequest, MoveShardRequest, PutRequest, RemoveMemberRequest, ScanRequest, ScanResponse, Shard,
+    Sharding as WireSharding, SplitShardRequest, TransferLeaderRequest, TransferShardLeaderRequest,
 };
 use basalt_proto::Dialer;
 use bytes::Bytes;
+use tonic::Code;
 use tracing::Instrument;
 
 use crate::config::ClientConfig;
 use crate::error::ClientError;
-use crate::retry::call;
+use crate::retry::{call, call_until, Deadline};
 use crate::router::Router;
 use crate::session::SessionTracker;
 
@@ -51,20 +63,97 @@ pub struct CasOutcome {
     pub current: Option<Bytes>,
 }
 
+/// The keyspace a [`Client`] targets unless [`Client::with_keyspace`] names another; it always
+/// exists.
+pub const DEFAULT_KEYSPACE: &str = "default";
+
 /// One page of a scan.
+///
+/// Order: in a range-sharded keyspace (such as [`DEFAULT_KEYSPACE`]) pairs come in ascending key
+/// order. In a hash-sharded keyspace they come in hash order (ascending key order only within
+/// one hash value), and a range scan reads every shard; use `get` for point lookups there.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ScanPage {
-    /// Pairs in ascending key order.
+    /// The pairs, in the keyspace's order (see above).
     pub kvs: Vec<(Bytes, Bytes)>,
-    /// True when the range holds more pairs: continue from the last key's successor
-    /// (the last key followed by a zero byte).
+    /// True when more pairs may follow (it can be true with nothing left, when the page ended
+    /// exactly at the end of a shard). To continue, pass [`ScanPage::cursor`] to
+    /// [`Client::scan_from_cursor`] with the same start and end. In a range-sharded keyspace a new
+    /// scan from the last key's successor (the last key followed by a zero byte) continues the
+    /// same way; in a hash-sharded one only the cursor does.
     pub more: bool,
+    /// Where the scan continues, when `more` is true; opaque. `None` when `more` is false, or
+    /// when the server predates cursors (it then holds one range-sharded keyspace, and the scan
+    /// continues from the last key's successor).
+    pub cursor: Option<Bytes>,
+}
+
+/// How a keyspace's keys are divided into shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Sharding {
+    /// Shards are ranges of user keys, in key order: range scans read only the shards the range
+    /// covers, and return keys in order.
+    Range,
+    /// Shards are ranges of a 16-bit hash of the key: writes spread evenly, but a range scan
+    /// reads every shard and returns keys in hash order.
+    Hash,
+}
+
+impl Sharding {
+    /// The sharding a protobuf `Keyspace::sharding` value names; `None` for unspecified or
+    /// unknown values (from a newer server).
+    pub fn from_wire(value: i32) -> Option<Sharding> {
+        match WireSharding::try_from(value) {
+            Ok(WireSharding::Range) => Some(Sharding::Range),
+            Ok(WireSharding::Hash) => Some(Sharding::Hash),
+            Ok(WireSharding::Unspecified) | Err(_) => None,
+        }
+    }
+
+    /// The protobuf value for this sharding.
+    pub fn to_wire(self) -> i32 {
+        match self {
+            Sharding::Range => WireSharding::Range as i32,
+            Sharding::Hash => WireSharding::Hash as i32,
+        }
+    }
+
+    /// `"range"` or `"hash"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sharding::Range => "range",
+            Sharding::Hash => "hash",
+        }
+    }
+}
+
+impl fmt::Display for Sharding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A keyspace and its shards, as [`Client::describe_keyspace`] returns them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyspaceDescription {
+    pub keyspace: Keyspace,
+    pub shards: Vec<Shard>,
+}
+
+/// The two shards a [`Client::split_shard`] produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardSplit {
+    /// The lower half; it keeps the split shard's id.
+    pub left: Shard,
+    pub right: Shard,
 }
 
 /// A handle to a Basalt cluster. Cheap to clone; clones share routing state and the write session.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// The keyspace every key-value request names; never empty.
+    keyspace: Arc<str>,
 }
 
 struct Inner {
@@ -77,6 +166,7 @@ impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("client_id", &self.inner.session.client_id())
+            .field("keyspace", &self.keyspace)
             .field("endpoints", &self.inner.router.endpoints())
             .field("leader_hint", &self.inner.router.leader_id())
             .finish()
@@ -105,15 +195,39 @@ impl Client {
         tracing::debug!(client_id = session.client_id(), endpoints = ?router.endpoints(), "client created");
         Ok(Client {
             inner: Arc::new(Inner { cfg, router, session }),
+            keyspace: Arc::from(DEFAULT_KEYSPACE),
         })
+    }
+
+    /// A handle for keyspace `name` that shares this client's channels, routing cache and write
+    /// session (so it is as cheap as a clone). An empty name means [`DEFAULT_KEYSPACE`], as on the
+    /// wire. Whether the keyspace exists is checked by the server, on the first request.
+    pub fn with_keyspace(&self, name: impl Into<String>) -> Client {
+        let name = name.into();
+        let keyspace = if name.is_empty() {
+            Arc::from(DEFAULT_KEYSPACE)
+        } else {
+            Arc::from(name)
+        };
+        Client {
+            inner: Arc::clone(&self.inner),
+            keyspace,
+        }
+    }
+
+    /// The keyspace this handle's key-value requests target.
+    pub fn keyspace(&self) -> &str {
+        &self.keyspace
     }
 
     /// Writes `value` under `key`, exactly once.
     pub async fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<(), ClientError> {
         let (key, value) = (key.into(), value.into());
         let ticket = self.inner.session.begin();
+        let keyspace = self.keyspace();
         let span = tracing::debug_span!(
             "basalt.put",
+            keyspace,
             key_len = key.len(),
             value_len = value.len(),
             seq = ticket.sequence()
@@ -123,6 +237,7 @@ impl Client {
             &self.inner.cfg,
             "put",
             || PutRequest {
+                keyspace: keyspace.to_owned(),
                 key: key.clone(),
                 value: value.clone(),
                 session: Some(ticket.session()),
@@ -137,12 +252,16 @@ impl Client {
     /// The value under `key`, or `None` if it does not exist. Linearizable.
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, ClientError> {
         let key = key.into();
-        let span = tracing::debug_span!("basalt.get", key_len = key.len());
+        let keyspace = self.keyspace();
+        let span = tracing::debug_span!("basalt.get", keyspace, key_len = key.len());
         call(
             &self.inner.router,
             &self.inner.cfg,
             "get",
-            || GetRequest { key: key.clone() },
+            || GetRequest {
+                keyspace: keyspace.to_owned(),
+                key: key.clone(),
+            },
             |ch, req| async move { KvClient::new(ch).get(req).await },
         )
         .instrument(span)
@@ -154,12 +273,14 @@ impl Client {
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
         let key = key.into();
         let ticket = self.inner.session.begin();
-        let span = tracing::debug_span!("basalt.delete", key_len = key.len(), seq = ticket.sequence());
+        let keyspace = self.keyspace();
+        let span = tracing::debug_span!("basalt.delete", keyspace, key_len = key.len(), seq = ticket.sequence());
         call(
             &self.inner.router,
             &self.inner.cfg,
             "delete",
             || DeleteRequest {
+                keyspace: keyspace.to_owned(),
                 key: key.clone(),
                 session: Some(ticket.session()),
             },
@@ -170,13 +291,30 @@ impl Client {
         .map(|resp| resp.existed)
     }
 
-    /// One page of the pairs in `[start, end)` in ascending key order; `end: None` is unbounded
-    /// and `limit` 0 asks for the server's maximum page size. Linearizable.
+    /// Up to `limit` pairs in `[start, end)`; `end: None` is unbounded. Linearizable per shard.
+    ///
+    /// The server answers one shard at a time; this follows its cursor from shard to shard (over
+    /// shards with nothing in the range) until it has `limit` pairs or the range is exhausted.
+    /// `limit` 0 asks for one server page: the pairs of the first response that has any, at most
+    /// the server's maximum page size. The pairs come in the keyspace's order (see [`ScanPage`]);
+    /// continue with [`Client::scan_from_cursor`] while [`ScanPage::more`] is set.
     ///
     /// `Some(end)` below `start` is rejected; `Some(end) == start` is an empty range and returns
     /// an empty page without asking the server (on the wire an empty `end` means "unbounded", so
     /// `Some(b"")` could not be sent faithfully).
     pub async fn scan(&self, start: impl Into<Bytes>, end: Option<Bytes>, limit: u32) -> Result<ScanPage, ClientError> {
+        self.scan_from_cursor(start, end, limit, None).await
+    }
+
+    /// As [`Client::scan`], continuing a scan of the same `[start, end)` from `cursor` (a previous
+    /// page's [`ScanPage::cursor`]); `None` starts at the beginning of the range.
+    pub async fn scan_from_cursor(
+        &self,
+        start: impl Into<Bytes>,
+        end: Option<Bytes>,
+        limit: u32,
+        cursor: Option<Bytes>,
+    ) -> Result<ScanPage, ClientError> {
         let start = start.into();
         if let Some(end) = &end {
             if *end < start {
@@ -190,24 +328,41 @@ impl Client {
             }
         }
         let end = end.unwrap_or_default();
-        let span = tracing::debug_span!("basalt.scan", start_len = start.len(), end_len = end.len(), limit);
-        call(
-            &self.inner.router,
-            &self.inner.cfg,
-            "scan",
-            || ScanRequest {
-                start: start.clone(),
-                end: end.clone(),
-                limit,
-            },
-            |ch, req| async move { KvClient::new(ch).scan(req).await },
-        )
+        let keyspace = self.keyspace();
+        let span = tracing::debug_span!(
+            "basalt.scan",
+            keyspace,
+            start_len = start.len(),
+            end_len = end.len(),
+            limit
+        );
+        let mut scan = ScanState {
+            start,
+            end,
+            limit,
+            cursor: cursor.unwrap_or_default(),
+            kvs: Vec::new(),
+        };
+        let deadline = Deadline::after(self.inner.cfg.deadline);
+        async {
+            loop {
+                let request = scan.request(keyspace);
+                let response = call_until(
+                    &self.inner.router,
+                    &self.inner.cfg,
+                    "scan",
+                    deadline,
+                    || request.clone(),
+                    |ch, req| async move { KvClient::new(ch).scan(req).await },
+                )
+                .await?;
+                if let Some(page) = scan.absorb(response)? {
+                    return Ok(page);
+                }
+            }
+        }
         .instrument(span)
         .await
-        .map(|resp| ScanPage {
-            kvs: resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
-            more: resp.more,
-        })
     }
 
     /// Writes `new_value` under `key` if the key's current state matches `expected`, exactly once.
@@ -223,12 +378,19 @@ impl Client {
             Expect::Absent => Expected::ExpectAbsent(true),
         };
         let ticket = self.inner.session.begin();
-        let span = tracing::debug_span!("basalt.compare_and_swap", key_len = key.len(), seq = ticket.sequence());
+        let keyspace = self.keyspace();
+        let span = tracing::debug_span!(
+            "basalt.compare_and_swap",
+            keyspace,
+            key_len = key.len(),
+            seq = ticket.sequence()
+        );
         call(
             &self.inner.router,
             &self.inner.cfg,
             "compare_and_swap",
             || CompareAndSwapRequest {
+                keyspace: keyspace.to_owned(),
                 key: key.clone(),
                 expected: Some(expected.clone()),
                 new_value: new_value.clone(),
@@ -303,6 +465,173 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Creates keyspace `name`. `shards` 0 lets the server choose (1 for range, 16 for hash
+    /// sharding) and `replicas` 0 means `min(3, live nodes)`. Returns the keyspace as created.
+    pub async fn create_keyspace(
+        &self,
+        name: &str,
+        sharding: Sharding,
+        shards: u32,
+        replicas: u32,
+    ) -> Result<Keyspace, ClientError> {
+        let name = name.to_owned();
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "create_keyspace",
+            || CreateKeyspaceRequest {
+                name: name.clone(),
+                sharding: sharding.to_wire(),
+                shards,
+                replicas,
+            },
+            |ch, req| async move { AdminClient::new(ch).create_keyspace(req).await },
+        )
+        .instrument(tracing::debug_span!(
+            "basalt.create_keyspace",
+            name,
+            %sharding,
+            shards,
+            replicas
+        ))
+        .await
+        .and_then(|resp| required(resp.keyspace, "create_keyspace", "keyspace"))
+    }
+
+    /// Every keyspace.
+    pub async fn list_keyspaces(&self) -> Result<Vec<Keyspace>, ClientError> {
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "list_keyspaces",
+            || ListKeyspacesRequest {},
+            |ch, req| async move { AdminClient::new(ch).list_keyspaces(req).await },
+        )
+        .instrument(tracing::debug_span!("basalt.list_keyspaces"))
+        .await
+        .map(|resp| resp.keyspaces)
+    }
+
+    /// Keyspace `name` and its shards.
+    pub async fn describe_keyspace(&self, name: &str) -> Result<KeyspaceDescription, ClientError> {
+        let name = name.to_owned();
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "describe_keyspace",
+            || DescribeKeyspaceRequest { name: name.clone() },
+            |ch, req| async move { AdminClient::new(ch).describe_keyspace(req).await },
+        )
+        .instrument(tracing::debug_span!("basalt.describe_keyspace", name))
+        .await
+        .and_then(|resp| {
+            Ok(KeyspaceDescription {
+                keyspace: required(resp.keyspace, "describe_keyspace", "keyspace")?,
+                shards: resp.shards,
+            })
+        })
+    }
+
+    /// Drops keyspace `name` and all its data.
+    pub async fn drop_keyspace(&self, name: &str) -> Result<(), ClientError> {
+        let name = name.to_owned();
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "drop_keyspace",
+            || DropKeyspaceRequest { name: name.clone() },
+            |ch, req| async move { AdminClient::new(ch).drop_keyspace(req).await },
+        )
+        .instrument(tracing::debug_span!("basalt.drop_keyspace", name))
+        .await
+        .map(|_| ())
+    }
+
+    /// The shards of `keyspace`, or of every keyspace for `None`. With `with_stats` each shard's
+    /// leader is asked for its applied index and approximate size (slower).
+    pub async fn list_shards(&self, keyspace: Option<&str>, with_stats: bool) -> Result<Vec<Shard>, ClientError> {
+        let keyspace = keyspace.unwrap_or_default().to_owned();
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "list_shards",
+            || ListShardsRequest {
+                keyspace: keyspace.clone(),
+                with_stats,
+            },
+            |ch, req| async move { AdminClient::new(ch).list_shards(req).await },
+        )
+        .instrument(tracing::debug_span!("basalt.list_shards", keyspace, with_stats))
+        .await
+        .map(|resp| resp.shards)
+    }
+
+    /// Splits shard `id` at `at`: a user key in a range keyspace, a decimal hash value in a hash
+    /// keyspace; `None` lets the server pick the middle of the shard's data.
+    ///
+    /// Like every admin call this is retried until the deadline. Give `at` when that matters: a
+    /// retry of a split that was applied but unanswered is then rejected (the shard already ends
+    /// there), whereas with `None` it would split the lower half again.
+    pub async fn split_shard(&self, id: u64, at: Option<Bytes>) -> Result<ShardSplit, ClientError> {
+        let at = at.unwrap_or_default();
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "split_shard",
+            || SplitShardRequest {
+                shard_id: id,
+                at: at.clone(),
+                // Set only by the placement driver between nodes.
+                new_group: 0,
+                expected_epoch: 0,
+            },
+            |ch, req| async move { AdminClient::new(ch).split_shard(req).await },
+        )
+        .instrument(tracing::debug_span!("basalt.split_shard", id, at_len = at.len()))
+        .await
+        .and_then(|resp| {
+            Ok(ShardSplit {
+                left: required(resp.left, "split_shard", "left")?,
+                right: required(resp.right, "split_shard", "right")?,
+            })
+        })
+    }
+
+    /// Moves shard `id`'s replica from node `from` to node `to`. Returns the shard afterwards.
+    pub async fn move_shard(&self, id: u64, from: u64, to: u64) -> Result<Shard, ClientError> {
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "move_shard",
+            || MoveShardRequest {
+                shard_id: id,
+                from_node: from,
+                to_node: to,
+            },
+            |ch, req| async move { AdminClient::new(ch).move_shard(req).await },
+        )
+        .instrument(tracing::debug_span!("basalt.move_shard", id, from, to))
+        .await
+        .and_then(|resp| required(resp.shard, "move_shard", "shard"))
+    }
+
+    /// Asks shard `id`'s leader to hand leadership to node `to`.
+    pub async fn transfer_shard_leader(&self, id: u64, to: u64) -> Result<(), ClientError> {
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "transfer_shard_leader",
+            || TransferShardLeaderRequest {
+                shard_id: id,
+                to_node: to,
+            },
+            |ch, req| async move { AdminClient::new(ch).transfer_shard_leader(req).await },
+        )
+        .instrument(tracing::debug_span!("basalt.transfer_shard_leader", id, to))
+        .await
+        .map(|_| ())
+    }
+
     /// The leader's node id as last heard (from a response header or a `NotLeader` hint).
     pub fn leader_hint(&self) -> Option<u64> {
         self.inner.router.leader_id()
@@ -326,5 +655,257 @@ impl Client {
     /// The configuration this client was created with.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.cfg
+    }
+}
+
+/// The error for a response that breaks the protocol's promises. It is not retried: the server
+/// answered, and asking again would get the same answer.
+fn protocol_violation(what: String) -> ClientError {
+    ClientError::Server {
+        code: Code::Internal,
+        message: format!("protocol violation: {what}"),
+    }
+}
+
+/// A message field the protocol says is always set.
+fn required<T>(value: Option<T>, op: &str, field: &str) -> Result<T, ClientError> {
+    value.ok_or_else(|| protocol_violation(format!("the {op} response has no `{field}`")))
+}
+
+/// The smallest key greater than `key`: `key` followed by a zero byte.
+pub(crate) fn key_successor(key: &[u8]) -> Bytes {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    next.into()
+}
+
+/// One scan in progress: the range, what is left of the limit, where the next request continues,
+/// and the pairs gathered so far. Kept apart from the RPCs so its decisions are unit-tested.
+#[derive(Debug)]
+struct ScanState {
+    start: Bytes,
+    /// Empty is unbounded, as on the wire.
+    end: Bytes,
+    /// 0: one server page.
+    limit: u32,
+    cursor: Bytes,
+    kvs: Vec<(Bytes, Bytes)>,
+}
+
+impl ScanState {
+    /// The next request: the same range, the cursor, and what is left of the limit.
+    fn request(&self, keyspace: &str) -> ScanRequest {
+        ScanRequest {
+            keyspace: keyspace.to_owned(),
+            cursor: self.cursor.clone(),
+            start: self.start.clone(),
+            end: self.end.clone(),
+            limit: self.remaining(),
+        }
+    }
+
+    /// Pairs still wanted; 0 (the server's page size) when no limit was given.
+    fn remaining(&self) -> u32 {
+        // Below `limit` while the scan goes on (`absorb` stops once it is reached), so this fits.
+        u32::try_from(self.kvs.len()).map_or(0, |have| self.limit.saturating_sub(have))
+    }
+
+    /// Takes in one response; returns the page once the scan is done, `None` to go on.
+    fn absorb(&mut self, response: ScanResponse) -> Result<Option<ScanPage>, ClientError> {
+        let asked = self.remaining();
+        let got = response.kvs.len();
+        if asked != 0 && got > asked as usize {
+            // Keeping only some would lose the position of the rest; the cursor is past them all.
+            return Err(protocol_violation(format!(
+                "a scan page holds {got} pairs for a limit of {asked}"
+            )));
+        }
+        self.kvs.extend(response.kvs.into_iter().map(|kv| (kv.key, kv.value)));
+        if !response.more {
+            return Ok(Some(self.finish(false, None)));
+        }
+        let enough = if self.limit == 0 {
+            !self.kvs.is_empty()
+        } else {
+            self.kvs.len() >= self.limit as usize
+        };
+        if response.cursor.is_empty() {
+            // A server that predates cursors (one range-sharded keyspace): continue after the
+            // last key, which is only possible if this response made progress.
+            if got == 0 {
+                return Err(protocol_violation(
+                    "a scan page is empty and has no cursor, yet claims more pairs follow".into(),
+                ));
+            }
+            if enough {
+                return Ok(Some(self.finish(true, None)));
+            }
+            if let Some((last, _)) = self.kvs.last() {
+                self.start = key_successor(last);
+            }
+            self.cursor = Bytes::new();
+            return Ok(None);
+        }
+        if got == 0 && response.cursor == self.cursor {
+            return Err(protocol_violation(
+                "a scan page is empty and its cursor does not move, yet it claims more pairs follow".into(),
+            ));
+        }
+        if enough {
+            return Ok(Some(self.finish(true, Some(response.cursor))));
+        }
+        self.cursor = response.cursor;
+        Ok(None)
+    }
+
+    fn finish(&mut self, more: bool, cursor: Option<Bytes>) -> ScanPage {
+        ScanPage {
+            kvs: std::mem::take(&mut self.kvs),
+            more,
+            cursor,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_proto::v1::KeyValue;
+
+    fn state(limit: u32) -> ScanState {
+        ScanState {
+            start: Bytes::from_static(b"a"),
+            end: Bytes::new(),
+            limit,
+            cursor: Bytes::new(),
+            kvs: Vec::new(),
+        }
+    }
+
+    fn response(keys: &[&str], more: bool, cursor: &str) -> ScanResponse {
+        ScanResponse {
+            header: None,
+            kvs: keys
+                .iter()
+                .map(|k| KeyValue {
+                    key: Bytes::copy_from_slice(k.as_bytes()),
+                    value: Bytes::from_static(b"v"),
+                })
+                .collect(),
+            more,
+            cursor: Bytes::copy_from_slice(cursor.as_bytes()),
+        }
+    }
+
+    fn keys(page: &ScanPage) -> Vec<&[u8]> {
+        page.kvs.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+
+    #[test]
+    fn follows_cursors_through_empty_shards_until_the_limit() {
+        let mut s = state(3);
+        assert_eq!(s.request("ks").limit, 3);
+        assert_eq!(s.absorb(response(&["a", "b"], true, "c1")).expect("valid"), None);
+        let req = s.request("ks");
+        assert_eq!(
+            (req.limit, req.cursor.as_ref(), req.start.as_ref()),
+            (1, &b"c1"[..], &b"a"[..])
+        );
+        assert_eq!(req.keyspace, "ks");
+        // A shard boundary: nothing, but the cursor moves on.
+        assert_eq!(s.absorb(response(&[], true, "c2")).expect("valid"), None);
+        assert_eq!(s.request("ks").limit, 1);
+        let page = s
+            .absorb(response(&["x"], true, "c3"))
+            .expect("valid")
+            .expect("limit reached");
+        assert_eq!(keys(&page), [b"a", b"b", b"x"]);
+        assert!(page.more);
+        assert_eq!(page.cursor, Some(Bytes::from_static(b"c3")));
+    }
+
+    #[test]
+    fn an_exhausted_range_ends_the_scan_without_a_cursor() {
+        let mut s = state(10);
+        assert_eq!(s.absorb(response(&["a"], true, "c1")).expect("valid"), None);
+        let page = s.absorb(response(&[], false, "")).expect("valid").expect("done");
+        assert_eq!(keys(&page), [b"a"]);
+        assert!(!page.more);
+        assert_eq!(page.cursor, None);
+    }
+
+    #[test]
+    fn limit_zero_returns_the_first_page_with_pairs() {
+        let mut s = state(0);
+        assert_eq!(s.request("ks").limit, 0);
+        assert_eq!(s.absorb(response(&[], true, "c1")).expect("valid"), None);
+        assert_eq!(s.request("ks").limit, 0);
+        let page = s
+            .absorb(response(&["m", "n"], true, "c2"))
+            .expect("valid")
+            .expect("a page with pairs");
+        assert_eq!(keys(&page), [b"m", b"n"]);
+        assert_eq!(page.cursor, Some(Bytes::from_static(b"c2")));
+    }
+
+    #[test]
+    fn a_server_without_cursors_is_continued_after_the_last_key() {
+        let mut s = state(3);
+        assert_eq!(s.absorb(response(&["a", "b"], true, "")).expect("valid"), None);
+        let req = s.request("ks");
+        assert_eq!((req.start.as_ref(), req.cursor.as_ref()), (&b"b\0"[..], &b""[..]));
+        let page = s
+            .absorb(response(&["c"], true, ""))
+            .expect("valid")
+            .expect("limit reached");
+        assert_eq!(keys(&page), [b"a", b"b", b"c"]);
+        assert!(page.more);
+        assert_eq!(page.cursor, None);
+    }
+
+    #[test]
+    fn pages_that_cannot_make_progress_are_protocol_violations() {
+        let mut s = state(5);
+        s.cursor = Bytes::from_static(b"same");
+        let err = s.absorb(response(&[], true, "same")).expect_err("stuck cursor");
+        assert!(
+            matches!(&err, ClientError::Server { code: Code::Internal, message } if message.contains("does not move")),
+            "{err:?}"
+        );
+        let err = state(5)
+            .absorb(response(&[], true, ""))
+            .expect_err("no cursor, no pairs");
+        assert!(err.to_string().contains("protocol violation"), "{err}");
+        let err = state(1)
+            .absorb(response(&["a", "b"], true, "c"))
+            .expect_err("over the limit");
+        assert!(err.to_string().contains("2 pairs for a limit of 1"), "{err}");
+    }
+
+    #[test]
+    fn sharding_maps_to_and_from_the_wire() {
+        for sharding in [Sharding::Range, Sharding::Hash] {
+            assert_eq!(Sharding::from_wire(sharding.to_wire()), Some(sharding));
+        }
+        assert_eq!(Sharding::Range.to_wire(), WireSharding::Range as i32);
+        assert_eq!(Sharding::from_wire(WireSharding::Unspecified as i32), None);
+        assert_eq!(Sharding::from_wire(99), None);
+        assert_eq!(Sharding::Hash.to_string(), "hash");
+    }
+
+    #[tokio::test]
+    async fn keyspace_handles_share_the_session() {
+        let client = Client::connect(ClientConfig::new(["127.0.0.1:1"]))
+            .await
+            .expect("valid config");
+        assert_eq!(client.keyspace(), DEFAULT_KEYSPACE);
+        let orders = client.with_keyspace("orders");
+        assert_eq!(orders.keyspace(), "orders");
+        assert_eq!(client.keyspace(), DEFAULT_KEYSPACE);
+        assert_eq!(orders.client_id(), client.client_id());
+        assert!(Arc::ptr_eq(&orders.inner, &client.inner));
+        assert_eq!(orders.with_keyspace("").keyspace(), DEFAULT_KEYSPACE);
+        assert!(format!("{orders:?}").contains("orders"));
     }
 }

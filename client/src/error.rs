@@ -5,8 +5,13 @@
 //! - A status is retried only when retrying cannot change the outcome of the operation: reads are
 //!   idempotent and every write carries its session sequence, so the server applies it at most
 //!   once however often it is sent. What is retried is decided by the status code alone (plus the
-//!   `NotLeader` detail), never by parsing messages, so that the decision is the same for every
-//!   server version.
+//!   `NotLeader` and `WrongShard` details), never by parsing messages, so that the decision is the
+//!   same for every server version.
+//! - `WrongShard` (the node holds no replica of the key's shard: it split, merged or moved, or
+//!   the client asked a node outside the shard's group) is always retried, whatever its status
+//!   code: it says nothing about the operation, only about where it was sent. It never reaches
+//!   the caller as its own error; when it is still the answer at the deadline, the caller gets
+//!   [`ClientError::DeadlineExceeded`] whose `last_error` says that routing kept failing.
 //! - Errors the server raises deliberately and that a retry would only repeat (`INVALID_ARGUMENT`,
 //!   `FAILED_PRECONDITION`/`SessionExpired`, `DATA_LOSS`/`Corruption`, and any other code that
 //!   is not transient) surface at once as a typed error.
@@ -61,6 +66,13 @@ pub(crate) enum Disposition {
     /// The node is not the leader; `leader_id` 0 means it knows of none (election under way) and
     /// an empty `leader_addr` means it does not know the leader's address.
     NotLeader { leader_id: u64, leader_addr: String },
+    /// The node holds no replica for the key's shard in `keyspace`. `replica_addrs` are the
+    /// addresses of the shard that covers the key as far as the node knows (empty when it does
+    /// not know): endpoints worth learning, since the configured seeds may not include them.
+    WrongShard {
+        keyspace: String,
+        replica_addrs: Vec<String>,
+    },
     /// A transient failure (transport error, overload, timeout): try another endpoint after a
     /// backoff.
     Retry,
@@ -75,6 +87,22 @@ pub(crate) fn classify(status: &Status) -> Disposition {
         return Disposition::NotLeader {
             leader_id: nl.leader_id,
             leader_addr: nl.leader_addr.clone(),
+        };
+    }
+    if let Some(ErrorKind::WrongShard(ws)) = detail {
+        return Disposition::WrongShard {
+            keyspace: ws.keyspace,
+            replica_addrs: ws
+                .current
+                .map(|shard| {
+                    shard
+                        .replicas
+                        .into_iter()
+                        .map(|r| r.address)
+                        .filter(|a| !a.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
     }
     match status.code() {
@@ -113,6 +141,16 @@ fn error_from_status(status: &Status, detail: Option<ErrorKind>) -> ClientError 
     }
 }
 
+/// The `last_error` for an attempt answered with `WrongShard`: if the deadline passes on it, the
+/// caller learns that the request never found a node serving its shard, rather than a bare
+/// "unavailable".
+pub(crate) fn describe_wrong_shard(endpoint: &str, keyspace: &str, status: &Status) -> String {
+    format!(
+        "routing kept failing: {endpoint} holds no replica for the key in keyspace {keyspace:?} ({})",
+        describe_status(status)
+    )
+}
+
 /// A one-line description of a failed attempt, kept as `last_error` for `DeadlineExceeded`.
 pub(crate) fn describe_status(status: &Status) -> String {
     if status.message().is_empty() {
@@ -126,7 +164,7 @@ pub(crate) fn describe_status(status: &Status) -> String {
 mod tests {
     use super::*;
     use basalt_proto::status_with_detail;
-    use basalt_proto::v1::{Corruption, InvalidArgument, NotLeader, SessionExpired};
+    use basalt_proto::v1::{Corruption, InvalidArgument, NotLeader, Replica, SessionExpired, Shard, WrongShard};
 
     #[test]
     fn local_transport_failures_are_retried_but_server_unknowns_are_not() {
@@ -170,6 +208,84 @@ mod tests {
                 leader_id: 0,
                 leader_addr: String::new()
             }
+        );
+    }
+
+    #[test]
+    fn wrong_shard_is_routed_around_with_the_replicas_it_names() {
+        let st = status_with_detail(
+            "no replica here",
+            ErrorKind::WrongShard(WrongShard {
+                keyspace: "orders".into(),
+                current: Some(Shard {
+                    id: 7,
+                    replicas: vec![
+                        Replica {
+                            node_id: 4,
+                            address: "10.0.0.4:7379".into(),
+                        },
+                        Replica {
+                            node_id: 5,
+                            address: String::new(),
+                        },
+                    ],
+                    ..Default::default()
+                }),
+            }),
+        );
+        assert_eq!(st.code(), Code::Unavailable);
+        assert_eq!(
+            classify(&st),
+            Disposition::WrongShard {
+                keyspace: "orders".into(),
+                replica_addrs: vec!["10.0.0.4:7379".into()]
+            }
+        );
+        // Without a current shard there is nothing to learn, but it is still routed around.
+        let st = status_with_detail(
+            "no replica here",
+            ErrorKind::WrongShard(WrongShard {
+                keyspace: String::new(),
+                current: None,
+            }),
+        );
+        assert_eq!(
+            classify(&st),
+            Disposition::WrongShard {
+                keyspace: String::new(),
+                replica_addrs: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn wrong_shard_is_retried_whatever_the_code() {
+        // The pairing with UNAVAILABLE is by construction on the server, but the decision must
+        // not depend on it: the detail alone says the request went to the wrong node.
+        let detail = basalt_proto::v1::ErrorDetail {
+            kind: Some(ErrorKind::WrongShard(WrongShard {
+                keyspace: "k".into(),
+                current: None,
+            })),
+        };
+        let st = Status::with_details(
+            Code::FailedPrecondition,
+            "moved",
+            prost::Message::encode_to_vec(&detail).into(),
+        );
+        assert!(
+            matches!(classify(&st), Disposition::WrongShard { .. }),
+            "{:?}",
+            classify(&st)
+        );
+    }
+
+    #[test]
+    fn wrong_shard_description_says_routing_failed() {
+        let line = describe_wrong_shard("a:1", "orders", &Status::unavailable("wrong shard"));
+        assert_eq!(
+            line,
+            "routing kept failing: a:1 holds no replica for the key in keyspace \"orders\" (Unavailable: wrong shard)"
         );
     }
 

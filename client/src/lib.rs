@@ -23,6 +23,10 @@
 //!   [`ClientError::DeadlineExceeded`]; definite errors are reported at once (`error`).
 //! - **Exactly-once writes** (`session`): each write carries `(client_id, sequence)`, the same on
 //!   every retry, so the server applies it at most once.
+//! - **Keyspaces and shards** (`client`): a handle targets one keyspace
+//!   ([`Client::with_keyspace`]); a node that holds no replica of a key's shard answers
+//!   `WrongShard`, which is routed around like a node without a leader and never reaches the
+//!   caller before the deadline; scans follow the server's cursor from shard to shard.
 //!
 //! The [`cli`] module is `basaltctl`; it lives in the library so its parsing and formatting are
 //! unit-tested like the rest.
@@ -37,9 +41,9 @@ mod retry;
 mod router;
 mod session;
 
-pub use basalt_proto::v1::{ClusterStatusResponse, Member, Role};
+pub use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, Replica, Role, Shard};
 pub use basalt_proto::Dialer;
-pub use client::{CasOutcome, Client, Expect, ScanPage};
+pub use client::{CasOutcome, Client, Expect, KeyspaceDescription, ScanPage, ShardSplit, Sharding, DEFAULT_KEYSPACE};
 pub use config::ClientConfig;
 pub use endpoint::{parse_endpoint_list, EndpointAddr};
 pub use error::ClientError;

@@ -12,21 +12,28 @@
 //!   node most likely to succeed; but at most [`MAX_IMMEDIATE_REDIRECTS`] times in a row, so two
 //!   nodes with stale views pointing at each other cannot make the client spin.
 //! - Every other retry waits a jittered exponential backoff first, and no wait or attempt
-//!   extends past the deadline.
+//!   extends past the deadline. That includes `WrongShard`: the node answering it may be behind
+//!   a split or move the cluster is still carrying out, so asking again at once would mostly hear
+//!   the same answer.
+//! - Several calls can share one [`Deadline`] (a scan that follows its cursor through many
+//!   shards), so that an operation made of several requests is bounded as a whole, as one call is.
 
 use std::future::Future;
 
 use basalt_proto::v1::{
-    AddMemberResponse, ClusterStatusResponse, CompareAndSwapResponse, DeleteResponse, GetResponse, PutResponse,
-    RemoveMemberResponse, ResponseHeader, ScanResponse, TransferLeaderResponse,
+    AddMemberResponse, ClusterStatusResponse, CompareAndSwapResponse, CreateKeyspaceResponse, DeleteResponse,
+    DescribeKeyspaceResponse, DropKeyspaceResponse, GetResponse, ListKeyspacesResponse, ListShardsResponse,
+    MoveShardResponse, PutResponse, RemoveMemberResponse, ResponseHeader, ScanResponse, SplitShardResponse,
+    TransferLeaderResponse, TransferShardLeaderResponse,
 };
+use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::backoff::Backoff;
 use crate::config::ClientConfig;
-use crate::error::{classify, describe_status, ClientError, Disposition};
+use crate::error::{classify, describe_status, describe_wrong_shard, ClientError, Disposition};
 use crate::router::Router;
 
 /// Hint-following attempts allowed before a backoff is forced.
@@ -57,13 +64,59 @@ impl_has_header!(
     AddMemberResponse,
     RemoveMemberResponse,
     TransferLeaderResponse,
+    CreateKeyspaceResponse,
+    ListKeyspacesResponse,
+    DescribeKeyspaceResponse,
+    DropKeyspaceResponse,
+    ListShardsResponse,
+    SplitShardResponse,
+    MoveShardResponse,
+    TransferShardLeaderResponse,
 );
 
-/// Runs `rpc` with requests from `build` until success, a definite error, or the deadline.
+/// When an operation started and when it must end; `DeadlineExceeded` reports the time between
+/// `started` and the moment it gave up.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadline {
+    started: Instant,
+    at: Instant,
+}
+
+impl Deadline {
+    /// A deadline `limit` from now.
+    pub(crate) fn after(limit: Duration) -> Self {
+        let started = Instant::now();
+        Self {
+            started,
+            at: started + limit,
+        }
+    }
+}
+
+/// Runs `rpc` with requests from `build` until success, a definite error, or the configured
+/// deadline.
 pub(crate) async fn call<Req, Resp, B, F, Fut>(
     router: &Router,
     cfg: &ClientConfig,
     op: &'static str,
+    build: B,
+    rpc: F,
+) -> Result<Resp, ClientError>
+where
+    B: FnMut() -> Req,
+    F: FnMut(Channel, Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<Resp>, Status>>,
+    Resp: HasHeader,
+{
+    call_until(router, cfg, op, Deadline::after(cfg.deadline), build, rpc).await
+}
+
+/// As [`call`], ending at `deadline` (which other calls may share) instead of a fresh one.
+pub(crate) async fn call_until<Req, Resp, B, F, Fut>(
+    router: &Router,
+    cfg: &ClientConfig,
+    op: &'static str,
+    deadline: Deadline,
     mut build: B,
     mut rpc: F,
 ) -> Result<Resp, ClientError>
@@ -73,8 +126,7 @@ where
     Fut: Future<Output = Result<Response<Resp>, Status>>,
     Resp: HasHeader,
 {
-    let started = Instant::now();
-    let deadline = started + cfg.deadline;
+    let Deadline { started, at: deadline } = deadline;
     let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
     let mut last_error = String::from("no attempt was made");
     let mut redirects = 0u32;
@@ -127,6 +179,14 @@ where
                     continue;
                 }
             }
+            Disposition::WrongShard {
+                keyspace,
+                replica_addrs,
+            } => {
+                last_error = describe_wrong_shard(&target.addr, &keyspace, &status);
+                tracing::debug!(op, attempt, endpoint = %target.addr, %keyspace, ?replica_addrs, "wrong shard");
+                router.on_wrong_shard(target.index, &replica_addrs);
+            }
             Disposition::Retry => {
                 tracing::debug!(op, attempt, endpoint = %target.addr, error = %last_error, "transient failure");
                 router.on_failure(target.index);
@@ -148,11 +208,10 @@ mod tests {
     use super::*;
     use crate::endpoint::EndpointAddr;
     use basalt_proto::status_with_detail;
-    use basalt_proto::v1::NotLeader;
+    use basalt_proto::v1::{NotLeader, Replica, Shard, WrongShard};
     use basalt_proto::ErrorKind;
     use parking_lot::Mutex;
     use std::sync::Arc;
-    use std::time::Duration;
 
     fn setup(addrs: &[&str], deadline_ms: u64) -> (Router, ClientConfig) {
         let mut cfg = ClientConfig::new(addrs.iter().copied());
@@ -214,6 +273,82 @@ mod tests {
                 leader_addr: addr.into(),
             }),
         ))
+    }
+
+    fn wrong_shard(replicas: &[&str]) -> Result<PutResponse, Status> {
+        Err(status_with_detail(
+            "wrong shard",
+            ErrorKind::WrongShard(WrongShard {
+                keyspace: "orders".into(),
+                current: Some(Shard {
+                    id: 9,
+                    replicas: replicas
+                        .iter()
+                        .map(|a| Replica {
+                            node_id: 0,
+                            address: (*a).into(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+            }),
+        ))
+    }
+
+    #[tokio::test]
+    async fn wrong_shard_backs_off_and_reaches_a_replica_the_seeds_lack() {
+        let (router, cfg) = setup(&["a:1"], 2_000);
+        let started = std::time::Instant::now();
+        let (res, tried) = run(&router, &cfg, |_, ep| {
+            Some(if ep == "a:1" { wrong_shard(&["z:9"]) } else { ok() })
+        })
+        .await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(tried, ["a:1", "z:9"]);
+        // Unlike a leader hint, the retry waited a backoff (at least half the initial 4ms).
+        assert!(started.elapsed() >= Duration::from_millis(2), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn wrong_shard_until_the_deadline_says_routing_kept_failing() {
+        let (router, cfg) = setup(&["a:1", "b:2"], 80);
+        let (res, tried) = run(&router, &cfg, |_, _| Some(wrong_shard(&[]))).await;
+        match res {
+            Err(ClientError::DeadlineExceeded { after, last_error }) => {
+                assert!(after >= Duration::from_millis(80), "{after:?}");
+                assert!(last_error.starts_with("routing kept failing: "), "{last_error}");
+                assert!(last_error.contains("\"orders\""), "{last_error}");
+            }
+            other => panic!("expected DeadlineExceeded, got {other:?}"),
+        }
+        // Both endpoints were tried in turn.
+        assert!(
+            tried.iter().any(|e| e == "a:1") && tried.iter().any(|e| e == "b:2"),
+            "{tried:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shared_deadline_bounds_consecutive_calls() {
+        let (router, cfg) = setup(&["a:1"], 10_000);
+        let deadline = Deadline::after(Duration::from_millis(60));
+        tokio::time::sleep(Duration::from_millis(70)).await;
+        let res: Result<PutResponse, ClientError> = call_until(
+            &router,
+            &cfg,
+            "test",
+            deadline,
+            || (),
+            |_channel, _request: Request<()>| async { Ok(Response::new(PutResponse::default())) },
+        )
+        .await;
+        match res {
+            Err(ClientError::DeadlineExceeded { after, last_error }) => {
+                assert!(after >= Duration::from_millis(70), "{after:?}");
+                assert_eq!(last_error, "no attempt was made");
+            }
+            other => panic!("expected DeadlineExceeded, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -17,6 +17,11 @@
 //!   attempt timeout on every call.
 //! - A failure at the preferred endpoint clears the preference and moves the cursor past the
 //!   failed endpoint, so consecutive failures walk through every endpoint in turn.
+//! - A `WrongShard` answer is a failure of that endpoint for this request, not a hint: the
+//!   replica addresses it names are learned (so the rotation reaches nodes that the seeds do not
+//!   list) but not preferred, because the answering node's view of the shard may be stale and the
+//!   routing cache is per cluster, not per shard; preferring them would move every other
+//!   keyspace's traffic along with it.
 
 use std::time::Duration;
 
@@ -169,6 +174,24 @@ impl Router {
                 None
             }
         }
+    }
+}
+
+impl Router {
+    /// The endpoint at `index` holds no replica for the request's shard. Learns the addresses of
+    /// the replicas it named (bounded by [`MAX_ENDPOINTS`]; malformed ones are skipped) and moves
+    /// on like any other failure.
+    pub(crate) fn on_wrong_shard(&self, index: usize, replica_addrs: &[String]) {
+        let mut state = self.state.write();
+        for raw in replica_addrs {
+            match EndpointAddr::parse(raw) {
+                Ok(addr) => {
+                    state.find_or_add(addr, self.attempt_timeout, &self.dialer);
+                }
+                Err(err) => tracing::debug!(%raw, error = %err, "ignoring malformed replica address"),
+            }
+        }
+        state.rotate_past(index);
     }
 }
 
@@ -334,6 +357,21 @@ mod tests {
         r.on_success(0, Some(&header(5, 5)));
         r.on_success(1, Some(&header(5, 5)));
         assert_eq!(r.on_not_leader(0, 5, ""), Some(1));
+    }
+
+    #[tokio::test]
+    async fn wrong_shard_learns_replicas_and_rotates_without_preferring_them() {
+        let r = router(&["a:1", "b:2"]);
+        r.on_success(0, Some(&header(1, 1)));
+        r.on_wrong_shard(0, &["c:3".into(), "not an address".into(), "http://b:2".into()]);
+        assert_eq!(r.endpoints(), ["a:1", "b:2", "c:3"]);
+        // The preference for a:1 is gone; rotation continues after it, then reaches c:3.
+        let t = r.target();
+        assert_eq!(t.addr, "b:2");
+        r.on_wrong_shard(t.index, &[]);
+        assert_eq!(r.target().addr, "c:3");
+        // Leadership knowledge is untouched: WrongShard says nothing about the leader.
+        assert_eq!(r.leader_id(), Some(1));
     }
 
     #[tokio::test]

@@ -1,22 +1,29 @@
 //! The client (and `basaltctl`'s command layer) against small in-process fake Basalt nodes.
 //!
 //! Each fake node is a real tonic server on `127.0.0.1:0` implementing the `Kv` and `Admin`
-//! services over an in-memory map. It records every request it receives, so the tests can check
-//! what went over the wire: which node an attempt reached, and which session a write carried on
-//! each attempt. A node can be scripted to answer `NotLeader` with a hint, to fail the first N
-//! write attempts with UNAVAILABLE after recording them, or to reject writes with a typed error.
+//! services over in-memory keyspaces. It records every request it receives, so the tests can check
+//! what went over the wire: which node an attempt reached, which session a write carried on each
+//! attempt, which keyspace every key-value request named, and how a scan followed its cursor. A
+//! node can be scripted to answer `NotLeader` with a hint, to answer `WrongShard` (for the first N
+//! key-value requests, or always, naming another node as the shard's replica), to fail the first N
+//! write attempts with UNAVAILABLE after recording them, to reject writes with a typed error, or
+//! to answer scans with a cursor that never moves.
+//!
+//! Scans are served one shard at a time, as the real server does: each keyspace is divided into
+//! shards (key ranges, or ranges of a 16-bit hash for hash keyspaces), a response never crosses a
+//! shard boundary, and the cursor names the shard and position to continue from, so a page at a
+//! boundary can come back empty with `more` set.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use basalt_client::cli::args::{Cli, Command};
+use basalt_client::cli::args::Cli;
 use basalt_client::cli::commands::execute;
-use basalt_client::cli::exit::{CliError, EXIT_NEGATIVE, EXIT_OK};
-use basalt_client::cli::format::ByteStyle;
-use basalt_client::{Client, ClientConfig, ClientError, Expect};
+use basalt_client::cli::exit::{CliError, EXIT_FAILURE, EXIT_NEGATIVE, EXIT_OK};
+use basalt_client::{Client, ClientConfig, ClientError, Expect, Sharding};
 use basalt_proto::status_with_detail;
 use basalt_proto::v1::admin_server::{Admin, AdminServer};
 use basalt_proto::v1::compare_and_swap_request::Expected;
@@ -29,7 +36,7 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 /// Largest scan page the fake serves, small so paging is exercised.
 const PAGE_MAX: usize = 2;
@@ -42,6 +49,16 @@ enum Mode {
     Follower { leader_id: u64, leader_addr: String },
     /// Reject writes with this error (reads are served).
     RejectWrites(fn() -> Status),
+    /// Hold no replica of any shard: answer every key-value request with WrongShard naming this
+    /// address (none when empty) as the shard's replica. Admin requests are served.
+    NoReplica { replica_addr: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    Admin,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -50,8 +67,218 @@ enum Seen {
     Delete(Option<WriteSession>),
     Cas(Option<WriteSession>),
     Get,
-    Scan { start: Bytes, end: Bytes, limit: u32 },
+    Scan {
+        start: Bytes,
+        end: Bytes,
+        limit: u32,
+        cursor: Bytes,
+    },
     Admin(&'static str),
+    AdminCall(AdminCall),
+}
+
+/// The sharding-era admin requests, recorded whole so tests can check every field.
+#[derive(Clone, Debug, PartialEq)]
+enum AdminCall {
+    CreateKeyspace(CreateKeyspaceRequest),
+    ListKeyspaces,
+    DescribeKeyspace(String),
+    DropKeyspace(String),
+    ListShards(ListShardsRequest),
+    SplitShard(SplitShardRequest),
+    MoveShard(MoveShardRequest),
+    TransferShardLeader(TransferShardLeaderRequest),
+}
+
+/// A position in a keyspace's order: (hash, key) for hash keyspaces, (0, key) for range ones.
+type Position = (u16, Bytes);
+
+/// A small stable 16-bit hash (FNV-1a, then murmur3's finaliser so that keys differing only in
+/// their last byte spread over the shards); it need not match the server's, only be fixed.
+fn hash16(key: &[u8]) -> u16 {
+    let mut h = key
+        .iter()
+        .fold(0x811c_9dc5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    (h >> 16) as u16
+}
+
+fn position(sharding: Sharding, key: &Bytes) -> Position {
+    match sharding {
+        Sharding::Range => (0, key.clone()),
+        Sharding::Hash => (hash16(key), key.clone()),
+    }
+}
+
+struct FakeKeyspace {
+    meta: Keyspace,
+    sharding: Sharding,
+    /// Each shard's lower bound in the keyspace's order, ascending; the first is `(0, "")`.
+    bounds: Vec<Position>,
+    data: BTreeMap<Bytes, Bytes>,
+}
+
+impl FakeKeyspace {
+    fn new(name: &str, id: u32, sharding: Sharding, bounds: Vec<Position>) -> Self {
+        Self {
+            meta: Keyspace {
+                name: name.into(),
+                id,
+                sharding: sharding.to_wire(),
+                replicas: 3,
+                initial_shards: bounds.len() as u32,
+            },
+            sharding,
+            bounds,
+            data: BTreeMap::new(),
+        }
+    }
+
+    /// `shards` range shards split at `splits`, or `shards` even hash shards.
+    fn with_layout(name: &str, id: u32, sharding: Sharding, shards: u32, splits: &[&str]) -> Self {
+        let bounds = match sharding {
+            Sharding::Range => std::iter::once((0, Bytes::new()))
+                .chain(splits.iter().map(|s| (0, Bytes::copy_from_slice(s.as_bytes()))))
+                .collect(),
+            Sharding::Hash => (0..shards.max(1))
+                .map(|i| ((u64::from(i) * 65_536 / u64::from(shards.max(1))) as u16, Bytes::new()))
+                .collect(),
+        };
+        Self::new(name, id, sharding, bounds)
+    }
+
+    fn shard_of(&self, pos: &Position) -> usize {
+        self.bounds.iter().rposition(|b| b <= pos).unwrap_or(0)
+    }
+
+    fn display(&self, pos: Option<&Position>) -> String {
+        match (pos, self.sharding) {
+            (None, _) => String::new(),
+            (Some((_, key)), Sharding::Range) => String::from_utf8_lossy(key).into_owned(),
+            (Some((0, _)), Sharding::Hash) => String::new(),
+            (Some((hash, _)), Sharding::Hash) => hash.to_string(),
+        }
+    }
+
+    fn shards(&self, node_id: u64, with_stats: bool) -> Vec<Shard> {
+        (0..self.bounds.len())
+            .map(|i| {
+                let lower = &self.bounds[i];
+                let upper = self.bounds.get(i + 1);
+                let inside: Vec<(&Bytes, &Bytes)> = self
+                    .data
+                    .iter()
+                    .filter(|(k, _)| {
+                        let p = position(self.sharding, k);
+                        p >= *lower && upper.is_none_or(|u| p < *u)
+                    })
+                    .collect();
+                Shard {
+                    id: u64::from(self.meta.id) * 100 + i as u64,
+                    keyspace: self.meta.name.clone(),
+                    keyspace_id: self.meta.id,
+                    start: lower.1.clone(),
+                    end: upper.map(|u| u.1.clone()).unwrap_or_default(),
+                    epoch: 1,
+                    replicas: vec![Replica {
+                        node_id,
+                        address: "fake".into(),
+                    }],
+                    leader_id: node_id,
+                    start_display: if i == 0 {
+                        String::new()
+                    } else {
+                        self.display(Some(lower))
+                    },
+                    end_display: self.display(upper),
+                    applied_index: if with_stats { 42 } else { 0 },
+                    approximate_bytes: if with_stats {
+                        inside.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+                    } else {
+                        0
+                    },
+                    approximate_keys: if with_stats { inside.len() as u64 } else { 0 },
+                }
+            })
+            .collect()
+    }
+
+    /// The keys of `[start, end)` in this keyspace's order: what a whole scan must return.
+    fn ordered_keys(&self, start: &[u8], end: &[u8]) -> Vec<Bytes> {
+        let mut keys: Vec<Bytes> = self
+            .data
+            .keys()
+            .filter(|k| k.as_ref() >= start && (end.is_empty() || k.as_ref() < end))
+            .cloned()
+            .collect();
+        keys.sort_by_key(|k| position(self.sharding, k));
+        keys
+    }
+
+    /// One page: pairs of one shard only, from the cursor's position (or the range's start).
+    fn scan(&self, req: &ScanRequest) -> Result<(Vec<KeyValue>, bool, Bytes), Status> {
+        let (shard, pos) = if req.cursor.is_empty() {
+            let pos = match self.sharding {
+                Sharding::Range => (0, req.start.clone()),
+                Sharding::Hash => (0, Bytes::new()),
+            };
+            (self.shard_of(&pos), pos)
+        } else {
+            decode_cursor(&req.cursor)
+                .filter(|(shard, _)| *shard < self.bounds.len())
+                .ok_or_else(|| Status::invalid_argument("malformed cursor"))?
+        };
+        let upper = self.bounds.get(shard + 1);
+        let mut items: Vec<(Position, &Bytes, &Bytes)> = self
+            .data
+            .iter()
+            .filter(|(k, _)| **k >= req.start && (req.end.is_empty() || **k < req.end))
+            .map(|(k, v)| (position(self.sharding, k), k, v))
+            .filter(|(p, _, _)| *p >= pos && upper.is_none_or(|u| p < u))
+            .collect();
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let page = if req.limit == 0 {
+            PAGE_MAX
+        } else {
+            PAGE_MAX.min(req.limit as usize)
+        };
+        let kvs = items
+            .iter()
+            .take(page)
+            .map(|(_, k, v)| KeyValue {
+                key: (*k).clone(),
+                value: (*v).clone(),
+            })
+            .collect();
+        if let Some((next, _, _)) = items.get(page) {
+            return Ok((kvs, true, encode_cursor(shard, next)));
+        }
+        let next_shard_in_range = upper.is_some_and(|u| match self.sharding {
+            Sharding::Range => req.end.is_empty() || u.1 < req.end,
+            Sharding::Hash => true,
+        });
+        match upper {
+            Some(u) if next_shard_in_range => Ok((kvs, true, encode_cursor(shard + 1, u))),
+            _ => Ok((kvs, false, Bytes::new())),
+        }
+    }
+}
+
+fn encode_cursor(shard: usize, (hash, key): &Position) -> Bytes {
+    let mut c = (shard as u32).to_be_bytes().to_vec();
+    c.extend_from_slice(&hash.to_be_bytes());
+    c.extend_from_slice(key);
+    c.into()
+}
+
+fn decode_cursor(cursor: &[u8]) -> Option<(usize, Position)> {
+    let shard = u32::from_be_bytes(cursor.get(..4)?.try_into().ok()?) as usize;
+    let hash = u16::from_be_bytes(cursor.get(4..6)?.try_into().ok()?);
+    Some((shard, (hash, Bytes::copy_from_slice(cursor.get(6..)?))))
 }
 
 struct FakeNode {
@@ -59,23 +286,64 @@ struct FakeNode {
     mode: Mode,
     /// Write attempts still to fail with UNAVAILABLE (after recording them).
     fail_writes: AtomicUsize,
+    /// Key-value requests still to answer with WrongShard (after recording them).
+    wrong_shard: AtomicUsize,
+    /// Answer scans with an empty page whose cursor never moves.
+    stuck_scan: AtomicBool,
     seen: Mutex<Vec<Seen>>,
-    data: Mutex<BTreeMap<Bytes, Bytes>>,
+    /// The keyspace each key-value request named, with the request's kind.
+    kv_keyspaces: Mutex<Vec<(&'static str, String)>>,
+    keyspaces: Mutex<BTreeMap<String, FakeKeyspace>>,
 }
 
 impl FakeNode {
     fn new(node_id: u64, mode: Mode) -> Arc<Self> {
+        let mut keyspaces = BTreeMap::new();
+        keyspaces.insert(
+            "default".to_owned(),
+            FakeKeyspace::with_layout("default", 1, Sharding::Range, 1, &[]),
+        );
         Arc::new(Self {
             node_id,
             mode,
             fail_writes: AtomicUsize::new(0),
+            wrong_shard: AtomicUsize::new(0),
+            stuck_scan: AtomicBool::new(false),
             seen: Mutex::new(Vec::new()),
-            data: Mutex::new(BTreeMap::new()),
+            kv_keyspaces: Mutex::new(Vec::new()),
+            keyspaces: Mutex::new(keyspaces),
         })
+    }
+
+    /// Adds keyspace `name` with a given layout (see `FakeKeyspace::with_layout`).
+    fn add_keyspace(&self, name: &str, sharding: Sharding, shards: u32, splits: &[&str]) {
+        let mut keyspaces = self.keyspaces.lock();
+        let id = keyspaces.len() as u32 + 1;
+        keyspaces.insert(
+            name.to_owned(),
+            FakeKeyspace::with_layout(name, id, sharding, shards, splits),
+        );
     }
 
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().clone()
+    }
+
+    fn scans(&self) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| matches!(s, Seen::Scan { .. }))
+            .collect()
+    }
+
+    fn admin_calls(&self) -> Vec<AdminCall> {
+        self.seen()
+            .into_iter()
+            .filter_map(|s| match s {
+                Seen::AdminCall(call) => Some(call),
+                _ => None,
+            })
+            .collect()
     }
 
     fn header(&self) -> Option<ResponseHeader> {
@@ -86,28 +354,82 @@ impl FakeNode {
         })
     }
 
-    /// Records the request, then decides whether it is served.
-    fn admit(&self, seen: Seen, is_write: bool) -> Result<(), Status> {
-        self.seen.lock().push(seen);
-        match &self.mode {
-            Mode::Follower { leader_id, leader_addr } => Err(status_with_detail(
-                "not the leader",
-                ErrorKind::NotLeader(NotLeader {
-                    leader_id: *leader_id,
-                    leader_addr: leader_addr.clone(),
+    fn wrong_shard_status(&self, keyspace: &str, replica_addr: &str) -> Status {
+        status_with_detail(
+            "no replica of the key's shard here",
+            ErrorKind::WrongShard(WrongShard {
+                keyspace: keyspace.to_owned(),
+                current: Some(Shard {
+                    id: 9,
+                    keyspace: keyspace.to_owned(),
+                    replicas: if replica_addr.is_empty() {
+                        vec![]
+                    } else {
+                        vec![Replica {
+                            node_id: 0,
+                            address: replica_addr.to_owned(),
+                        }]
+                    },
+                    ..Default::default()
                 }),
-            )),
-            Mode::RejectWrites(make) if is_write => Err(make()),
-            _ if is_write
-                && self
-                    .fail_writes
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok() =>
-            {
-                Err(Status::unavailable("scripted failure after recording"))
+            }),
+        )
+    }
+
+    /// Records a key-value request and its keyspace, then decides whether it is served.
+    fn admit_kv(&self, seen: Seen, op: &'static str, keyspace: &str, is_write: bool) -> Result<String, Status> {
+        let keyspace = if keyspace.is_empty() { "default" } else { keyspace };
+        self.kv_keyspaces.lock().push((op, keyspace.to_owned()));
+        self.admit(seen, if is_write { Op::Write } else { Op::Read }, keyspace)?;
+        Ok(keyspace.to_owned())
+    }
+
+    /// Records the request, then decides whether it is served.
+    fn admit(&self, seen: Seen, op: Op, keyspace: &str) -> Result<(), Status> {
+        self.seen.lock().push(seen);
+        let is_write = op == Op::Write;
+        match &self.mode {
+            Mode::Follower { leader_id, leader_addr } => {
+                return Err(status_with_detail(
+                    "not the leader",
+                    ErrorKind::NotLeader(NotLeader {
+                        leader_id: *leader_id,
+                        leader_addr: leader_addr.clone(),
+                    }),
+                ))
             }
-            _ => Ok(()),
+            Mode::NoReplica { replica_addr } if op != Op::Admin => {
+                return Err(self.wrong_shard_status(keyspace, replica_addr))
+            }
+            Mode::RejectWrites(make) if is_write => return Err(make()),
+            _ => {}
         }
+        if op != Op::Admin
+            && self
+                .wrong_shard
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(self.wrong_shard_status(keyspace, ""));
+        }
+        if is_write
+            && self
+                .fail_writes
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(Status::unavailable("scripted failure after recording"));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on keyspace `name`'s data, or answers NOT_FOUND.
+    fn with_keyspace<T>(&self, name: &str, f: impl FnOnce(&mut FakeKeyspace) -> T) -> Result<T, Status> {
+        let mut keyspaces = self.keyspaces.lock();
+        let ks = keyspaces
+            .get_mut(name)
+            .ok_or_else(|| Status::not_found(format!("no keyspace {name:?}")))?;
+        Ok(f(ks))
     }
 }
 
@@ -115,24 +437,25 @@ impl FakeNode {
 impl Kv for FakeNode {
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let req = req.into_inner();
-        self.admit(Seen::Put(req.session), true)?;
-        self.data.lock().insert(req.key, req.value);
+        let ks = self.admit_kv(Seen::Put(req.session), "put", &req.keyspace, true)?;
+        self.with_keyspace(&ks, |ks| ks.data.insert(req.key, req.value))?;
         Ok(Response::new(PutResponse { header: self.header() }))
     }
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let req = req.into_inner();
-        self.admit(Seen::Get, false)?;
+        let ks = self.admit_kv(Seen::Get, "get", &req.keyspace, false)?;
+        let value = self.with_keyspace(&ks, |ks| ks.data.get(&req.key).cloned())?;
         Ok(Response::new(GetResponse {
             header: self.header(),
-            value: self.data.lock().get(&req.key).cloned(),
+            value,
         }))
     }
 
     async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let req = req.into_inner();
-        self.admit(Seen::Delete(req.session), true)?;
-        let existed = self.data.lock().remove(&req.key).is_some();
+        let ks = self.admit_kv(Seen::Delete(req.session), "delete", &req.keyspace, true)?;
+        let existed = self.with_keyspace(&ks, |ks| ks.data.remove(&req.key).is_some())?;
         Ok(Response::new(DeleteResponse {
             header: self.header(),
             existed,
@@ -141,36 +464,32 @@ impl Kv for FakeNode {
 
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let req = req.into_inner();
-        self.admit(
-            Seen::Scan {
-                start: req.start.clone(),
-                end: req.end.clone(),
-                limit: req.limit,
-            },
-            false,
-        )?;
-        let page = if req.limit == 0 {
-            PAGE_MAX
-        } else {
-            PAGE_MAX.min(req.limit as usize)
+        let seen = Seen::Scan {
+            start: req.start.clone(),
+            end: req.end.clone(),
+            limit: req.limit,
+            cursor: req.cursor.clone(),
         };
-        let data = self.data.lock();
-        let mut in_range = data
-            .range(req.start.clone()..)
-            .filter(|(k, _)| req.end.is_empty() || **k < req.end);
-        let kvs: Vec<KeyValue> = in_range
-            .by_ref()
-            .take(page)
-            .map(|(k, v)| KeyValue {
-                key: k.clone(),
-                value: v.clone(),
-            })
-            .collect();
-        let more = in_range.next().is_some();
+        let ks = self.admit_kv(seen, "scan", &req.keyspace, false)?;
+        if self.stuck_scan.load(Ordering::SeqCst) {
+            let cursor = if req.cursor.is_empty() {
+                Bytes::from_static(b"stuck")
+            } else {
+                req.cursor.clone()
+            };
+            return Ok(Response::new(ScanResponse {
+                header: self.header(),
+                kvs: vec![],
+                more: true,
+                cursor,
+            }));
+        }
+        let (kvs, more, cursor) = self.with_keyspace(&ks, |ks| ks.scan(&req))??;
         Ok(Response::new(ScanResponse {
             header: self.header(),
             kvs,
             more,
+            cursor,
         }))
     }
 
@@ -179,17 +498,19 @@ impl Kv for FakeNode {
         req: Request<CompareAndSwapRequest>,
     ) -> Result<Response<CompareAndSwapResponse>, Status> {
         let req = req.into_inner();
-        self.admit(Seen::Cas(req.session), true)?;
-        let mut data = self.data.lock();
-        let current = data.get(&req.key).cloned();
-        let succeeded = match req.expected {
-            Some(Expected::ExpectedValue(v)) => current.as_ref() == Some(&v),
-            Some(Expected::ExpectAbsent(true)) => current.is_none(),
-            _ => return Err(Status::invalid_argument("expected must be set")),
-        };
-        if succeeded {
-            data.insert(req.key, req.new_value);
-        }
+        let ks = self.admit_kv(Seen::Cas(req.session), "cas", &req.keyspace, true)?;
+        let (succeeded, current) = self.with_keyspace(&ks, |ks| {
+            let current = ks.data.get(&req.key).cloned();
+            let succeeded = match req.expected {
+                Some(Expected::ExpectedValue(v)) => current.as_ref() == Some(&v),
+                Some(Expected::ExpectAbsent(true)) => current.is_none(),
+                _ => return Err(Status::invalid_argument("expected must be set")),
+            };
+            if succeeded {
+                ks.data.insert(req.key, req.new_value);
+            }
+            Ok((succeeded, current))
+        })??;
         Ok(Response::new(CompareAndSwapResponse {
             header: self.header(),
             succeeded,
@@ -204,7 +525,7 @@ impl Admin for FakeNode {
         &self,
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        self.admit(Seen::Admin("cluster_status"), false)?;
+        self.admit(Seen::Admin("cluster_status"), Op::Admin, "")?;
         Ok(Response::new(ClusterStatusResponse {
             header: self.header(),
             leader_id: self.node_id,
@@ -221,12 +542,12 @@ impl Admin for FakeNode {
     }
 
     async fn add_member(&self, _: Request<AddMemberRequest>) -> Result<Response<AddMemberResponse>, Status> {
-        self.admit(Seen::Admin("add_member"), false)?;
+        self.admit(Seen::Admin("add_member"), Op::Admin, "")?;
         Ok(Response::new(AddMemberResponse { header: self.header() }))
     }
 
     async fn remove_member(&self, _: Request<RemoveMemberRequest>) -> Result<Response<RemoveMemberResponse>, Status> {
-        self.admit(Seen::Admin("remove_member"), false)?;
+        self.admit(Seen::Admin("remove_member"), Op::Admin, "")?;
         Ok(Response::new(RemoveMemberResponse { header: self.header() }))
     }
 
@@ -234,8 +555,149 @@ impl Admin for FakeNode {
         &self,
         _: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        self.admit(Seen::Admin("transfer_leader"), false)?;
+        self.admit(Seen::Admin("transfer_leader"), Op::Admin, "")?;
         Ok(Response::new(TransferLeaderResponse { header: self.header() }))
+    }
+
+    async fn create_keyspace(
+        &self,
+        req: Request<CreateKeyspaceRequest>,
+    ) -> Result<Response<CreateKeyspaceResponse>, Status> {
+        let req = req.into_inner();
+        self.admit(Seen::AdminCall(AdminCall::CreateKeyspace(req.clone())), Op::Admin, "")?;
+        let sharding = Sharding::from_wire(req.sharding).ok_or_else(|| Status::invalid_argument("sharding"))?;
+        let mut keyspaces = self.keyspaces.lock();
+        if keyspaces.contains_key(&req.name) {
+            return Err(Status::already_exists(format!("keyspace {:?} exists", req.name)));
+        }
+        let shards = match (req.shards, sharding) {
+            (0, Sharding::Range) => 1,
+            (0, Sharding::Hash) => 16,
+            (n, _) => n,
+        };
+        // Range keyspaces start as one shard here whatever was asked: the fake has no data to
+        // pick split points from.
+        let mut ks = FakeKeyspace::with_layout(&req.name, keyspaces.len() as u32 + 1, sharding, shards, &[]);
+        ks.meta.initial_shards = shards;
+        if req.replicas != 0 {
+            ks.meta.replicas = req.replicas;
+        }
+        let keyspace = ks.meta.clone();
+        keyspaces.insert(req.name, ks);
+        Ok(Response::new(CreateKeyspaceResponse {
+            header: self.header(),
+            keyspace: Some(keyspace),
+        }))
+    }
+
+    async fn list_keyspaces(
+        &self,
+        _: Request<ListKeyspacesRequest>,
+    ) -> Result<Response<ListKeyspacesResponse>, Status> {
+        self.admit(Seen::AdminCall(AdminCall::ListKeyspaces), Op::Admin, "")?;
+        Ok(Response::new(ListKeyspacesResponse {
+            header: self.header(),
+            keyspaces: self.keyspaces.lock().values().map(|ks| ks.meta.clone()).collect(),
+        }))
+    }
+
+    async fn describe_keyspace(
+        &self,
+        req: Request<DescribeKeyspaceRequest>,
+    ) -> Result<Response<DescribeKeyspaceResponse>, Status> {
+        let req = req.into_inner();
+        self.admit(
+            Seen::AdminCall(AdminCall::DescribeKeyspace(req.name.clone())),
+            Op::Admin,
+            "",
+        )?;
+        let (keyspace, shards) =
+            self.with_keyspace(&req.name, |ks| (ks.meta.clone(), ks.shards(self.node_id, true)))?;
+        Ok(Response::new(DescribeKeyspaceResponse {
+            header: self.header(),
+            keyspace: Some(keyspace),
+            shards,
+        }))
+    }
+
+    async fn drop_keyspace(&self, req: Request<DropKeyspaceRequest>) -> Result<Response<DropKeyspaceResponse>, Status> {
+        let req = req.into_inner();
+        self.admit(
+            Seen::AdminCall(AdminCall::DropKeyspace(req.name.clone())),
+            Op::Admin,
+            "",
+        )?;
+        self.keyspaces
+            .lock()
+            .remove(&req.name)
+            .ok_or_else(|| Status::not_found(format!("no keyspace {:?}", req.name)))?;
+        Ok(Response::new(DropKeyspaceResponse { header: self.header() }))
+    }
+
+    async fn list_shards(&self, req: Request<ListShardsRequest>) -> Result<Response<ListShardsResponse>, Status> {
+        let req = req.into_inner();
+        self.admit(Seen::AdminCall(AdminCall::ListShards(req.clone())), Op::Admin, "")?;
+        let shards = if req.keyspace.is_empty() {
+            self.keyspaces
+                .lock()
+                .values()
+                .flat_map(|ks| ks.shards(self.node_id, req.with_stats))
+                .collect()
+        } else {
+            self.with_keyspace(&req.keyspace, |ks| ks.shards(self.node_id, req.with_stats))?
+        };
+        Ok(Response::new(ListShardsResponse {
+            header: self.header(),
+            shards,
+        }))
+    }
+
+    async fn split_shard(&self, req: Request<SplitShardRequest>) -> Result<Response<SplitShardResponse>, Status> {
+        let req = req.into_inner();
+        self.admit(Seen::AdminCall(AdminCall::SplitShard(req.clone())), Op::Admin, "")?;
+        let at = String::from_utf8_lossy(&req.at).into_owned();
+        Ok(Response::new(SplitShardResponse {
+            header: self.header(),
+            left: Some(Shard {
+                id: req.shard_id,
+                end_display: at.clone(),
+                ..Default::default()
+            }),
+            right: Some(Shard {
+                id: req.shard_id + 1000,
+                start_display: at,
+                ..Default::default()
+            }),
+        }))
+    }
+
+    async fn move_shard(&self, req: Request<MoveShardRequest>) -> Result<Response<MoveShardResponse>, Status> {
+        let req = req.into_inner();
+        self.admit(Seen::AdminCall(AdminCall::MoveShard(req)), Op::Admin, "")?;
+        Ok(Response::new(MoveShardResponse {
+            header: self.header(),
+            shard: Some(Shard {
+                id: req.shard_id,
+                epoch: 2,
+                replicas: [2, 3, req.to_node]
+                    .into_iter()
+                    .map(|node_id| Replica {
+                        node_id,
+                        address: "fake".into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+        }))
+    }
+
+    async fn transfer_shard_leader(
+        &self,
+        req: Request<TransferShardLeaderRequest>,
+    ) -> Result<Response<TransferShardLeaderResponse>, Status> {
+        let req = req.into_inner();
+        self.admit(Seen::AdminCall(AdminCall::TransferShardLeader(req)), Op::Admin, "")?;
+        Ok(Response::new(TransferShardLeaderResponse { header: self.header() }))
     }
 }
 
@@ -509,23 +971,20 @@ async fn scan_sends_bounds_and_limit_as_documented() {
         client.scan("b", Some(Bytes::from("a")), 0).await,
         Err(ClientError::InvalidArgument { .. })
     ));
-    let scans: Vec<Seen> = node
-        .seen()
-        .into_iter()
-        .filter(|s| matches!(s, Seen::Scan { .. }))
-        .collect();
     assert_eq!(
-        scans,
+        node.scans(),
         [
             Seen::Scan {
                 start: "a".into(),
                 end: Bytes::new(),
-                limit: 0
+                limit: 0,
+                cursor: Bytes::new()
             },
             Seen::Scan {
                 start: "b".into(),
                 end: "c".into(),
-                limit: 5
+                limit: 5,
+                cursor: Bytes::new()
             }
         ]
     );
@@ -534,9 +993,7 @@ async fn scan_sends_bounds_and_limit_as_documented() {
 async fn ctl(client: &Client, args: &[&str]) -> Result<(String, u8), CliError> {
     let cli = Cli::try_parse_from(std::iter::once("basaltctl").chain(args.iter().copied()))
         .expect("test command lines are valid");
-    let style = ByteStyle::from_hex_flag(cli.hex);
-    let command: Command = cli.command;
-    execute(client, &command, style).await.map(|out| (out.stdout, out.code))
+    execute(client, &cli).await.map(|out| (out.stdout, out.code))
 }
 
 #[tokio::test]
@@ -620,4 +1077,597 @@ async fn basaltctl_commands_against_a_fake_node() {
             .expect("add"),
         ("added member 4 at 10.0.0.4:7379\n".into(), EXIT_OK)
     );
+}
+
+fn pairs(kvs: &[(Bytes, Bytes)]) -> Vec<(&str, &str)> {
+    kvs.iter()
+        .map(|(k, v)| {
+            (
+                std::str::from_utf8(k).expect("test keys are UTF-8"),
+                std::str::from_utf8(v).expect("test values are UTF-8"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn wrong_shard_answers_are_retried_transparently() {
+    let node = FakeNode::new(1, Mode::Leader);
+    node.wrong_shard.store(2, Ordering::SeqCst);
+    let addr = start(Arc::clone(&node)).await;
+    let client = client(&[addr]).await;
+
+    client
+        .put("k", "v")
+        .await
+        .expect("put succeeds after two WrongShard answers");
+    let s = sessions(&node.seen());
+    assert_eq!(s.len(), 3, "two answered WrongShard, the third was served: {s:?}");
+    assert!(s.iter().all(|x| *x == s[0]), "every attempt is the same write: {s:?}");
+    assert_eq!(client.acked_through(), 1);
+
+    node.wrong_shard.store(1, Ordering::SeqCst);
+    assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from("v")));
+    node.wrong_shard.store(1, Ordering::SeqCst);
+    let page = client.scan("", None, 0).await.expect("scan");
+    assert_eq!(pairs(&page.kvs), [("k", "v")]);
+}
+
+#[tokio::test]
+async fn wrong_shard_leads_to_a_replica_the_seeds_do_not_list() {
+    let replica = FakeNode::new(5, Mode::Leader);
+    let replica_addr = start(Arc::clone(&replica)).await;
+    let outsider = FakeNode::new(
+        1,
+        Mode::NoReplica {
+            replica_addr: replica_addr.to_string(),
+        },
+    );
+    let outsider_addr = start(Arc::clone(&outsider)).await;
+    let client = client(&[outsider_addr]).await;
+
+    client.put("k", "v").await.expect("put reaches the replica");
+    assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from("v")));
+    assert_eq!(
+        client.endpoints(),
+        [outsider_addr.to_string(), replica_addr.to_string()]
+    );
+    // Only the first request went to the node without a replica; the client then stayed put.
+    assert_eq!(outsider.seen().len(), 1);
+    assert_eq!(replica.seen().len(), 2);
+    assert_eq!(sessions(&outsider.seen()), sessions(&replica.seen()));
+}
+
+#[tokio::test]
+async fn wrong_shard_until_the_deadline_reports_that_routing_kept_failing() {
+    let node = FakeNode::new(
+        1,
+        Mode::NoReplica {
+            replica_addr: String::new(),
+        },
+    );
+    let addr = start(Arc::clone(&node)).await;
+    let mut cfg = config(&[addr]);
+    cfg.deadline = Duration::from_millis(300);
+    let client = Client::connect(cfg)
+        .await
+        .expect("valid config")
+        .with_keyspace("orders");
+    let started = Instant::now();
+    let err = client.get("k").await.expect_err("no node serves the shard");
+    match &err {
+        ClientError::DeadlineExceeded { after, last_error } => {
+            assert!(*after >= Duration::from_millis(300), "{after:?}");
+            assert!(last_error.contains("routing kept failing"), "{last_error}");
+            assert!(last_error.contains("\"orders\""), "{last_error}");
+        }
+        other => panic!("expected DeadlineExceeded, got {other:?}"),
+    }
+    assert!(err.to_string().contains("routing kept failing"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        node.seen().len() > 2,
+        "retried until the deadline: {:?}",
+        node.seen().len()
+    );
+}
+
+/// A range keyspace in three shards, `[..c)`, `[c..f)` (empty) and `[f..)`, with five keys.
+async fn ranged() -> (Arc<FakeNode>, Client) {
+    let node = FakeNode::new(1, Mode::Leader);
+    node.add_keyspace("ranged", Sharding::Range, 3, &["c", "f"]);
+    let addr = start(Arc::clone(&node)).await;
+    let client = client(&[addr]).await.with_keyspace("ranged");
+    for k in ["a", "b", "g", "h", "i"] {
+        client.put(k, k.to_uppercase()).await.expect("put");
+    }
+    (node, client)
+}
+
+#[tokio::test]
+async fn scan_follows_cursors_across_shards_and_an_empty_one() {
+    let (node, client) = ranged().await;
+    let page = client.scan("", None, 10).await.expect("scan");
+    assert_eq!(
+        pairs(&page.kvs),
+        [("a", "A"), ("b", "B"), ("g", "G"), ("h", "H"), ("i", "I")]
+    );
+    assert!(!page.more);
+    assert_eq!(page.cursor, None);
+
+    let scans = node.scans();
+    // Shard 1 with a,b; shard 2 (empty, more=true); shard 3 in two pages of at most PAGE_MAX.
+    assert_eq!(scans.len(), 4, "{scans:?}");
+    let mut previous_cursor: Option<Bytes> = None;
+    for (i, (seen, want_limit)) in scans.iter().zip([10, 8, 8, 6]).enumerate() {
+        let Seen::Scan {
+            start,
+            end,
+            limit,
+            cursor,
+        } = seen
+        else {
+            unreachable!("filtered to scans")
+        };
+        assert!(
+            start.is_empty() && end.is_empty(),
+            "the range is resent unchanged: {seen:?}"
+        );
+        assert_eq!(*limit, want_limit, "request {i} asks for what is still wanted");
+        assert_eq!(
+            cursor.is_empty(),
+            i == 0,
+            "only the first request has no cursor: {seen:?}"
+        );
+        assert_ne!(Some(cursor), previous_cursor.as_ref(), "the cursor moves on: {seen:?}");
+        previous_cursor = Some(cursor.clone());
+    }
+}
+
+#[tokio::test]
+async fn scan_respects_the_limit_and_can_be_continued() {
+    let (node, client) = ranged().await;
+    let page = client.scan("", None, 3).await.expect("scan");
+    assert_eq!(pairs(&page.kvs), [("a", "A"), ("b", "B"), ("g", "G")]);
+    assert!(page.more);
+    let cursor = page.cursor.clone().expect("a cursor to continue from");
+
+    // Continuing from the cursor, with the same range.
+    let rest = client
+        .scan_from_cursor("", None, 10, Some(cursor.clone()))
+        .await
+        .expect("continue");
+    assert_eq!(pairs(&rest.kvs), [("h", "H"), ("i", "I")]);
+    assert!(!rest.more);
+    assert_eq!(
+        node.scans().last(),
+        Some(&Seen::Scan {
+            start: Bytes::new(),
+            end: Bytes::new(),
+            limit: 10,
+            cursor
+        })
+    );
+
+    // In a range keyspace, a fresh scan after the last key continues just as well.
+    let rest = client.scan("g\0", None, 10).await.expect("restart after g");
+    assert_eq!(pairs(&rest.kvs), [("h", "H"), ("i", "I")]);
+
+    // Limit 0 is one server page: the empty shard is crossed, then the first page with pairs.
+    let page = client.scan("c", None, 0).await.expect("scan from the empty shard");
+    assert_eq!(pairs(&page.kvs), [("g", "G"), ("h", "H")]);
+    assert!(page.more && page.cursor.is_some());
+
+    // The end bound holds across shards, and no shard past it is asked.
+    let before = node.scans().len();
+    let page = client
+        .scan("b", Some(Bytes::from("h")), 10)
+        .await
+        .expect("bounded scan");
+    assert_eq!(pairs(&page.kvs), [("b", "B"), ("g", "G")]);
+    assert!(!page.more);
+    assert_eq!(node.scans().len() - before, 3);
+}
+
+#[tokio::test]
+async fn a_scan_whose_cursor_never_moves_fails_fast() {
+    let node = FakeNode::new(1, Mode::Leader);
+    node.stuck_scan.store(true, Ordering::SeqCst);
+    let addr = start(Arc::clone(&node)).await;
+    let client = client(&[addr]).await;
+    let started = Instant::now();
+    let err = client.scan("", None, 10).await.expect_err("no progress");
+    assert!(
+        matches!(&err, ClientError::Server { code: Code::Internal, message } if message.contains("protocol violation")),
+        "{err:?}"
+    );
+    assert_eq!(
+        node.scans().len(),
+        2,
+        "one request to get the cursor, one to see it stuck"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn keyspace_is_sent_on_every_kv_request() {
+    let node = FakeNode::new(1, Mode::Leader);
+    let addr = start(Arc::clone(&node)).await;
+    let client = client(&[addr]).await;
+    let created = client
+        .create_keyspace("blue", Sharding::Hash, 4, 0)
+        .await
+        .expect("create");
+    assert_eq!((created.name.as_str(), created.initial_shards), ("blue", 4));
+    assert_eq!(Sharding::from_wire(created.sharding), Some(Sharding::Hash));
+
+    let blue = client.with_keyspace("blue");
+    assert_eq!(blue.keyspace(), "blue");
+    node.fail_writes.store(1, Ordering::SeqCst);
+    blue.put("k", "1").await.expect("put (retried once)");
+    assert_eq!(blue.get("k").await.expect("get"), Some(Bytes::from("1")));
+    let cas = blue
+        .compare_and_swap("k", Expect::Value("1".into()), "2")
+        .await
+        .expect("cas");
+    assert!(cas.succeeded);
+    assert_eq!(pairs(&blue.scan("", None, 0).await.expect("scan").kvs), [("k", "2")]);
+    // The keyspaces are separate: the default one does not have the key.
+    assert_eq!(client.get("k").await.expect("get"), None);
+    assert!(blue.delete("k").await.expect("delete"));
+
+    let sent = node.kv_keyspaces.lock().clone();
+    // The put was sent twice (a retry); the scan made one request per shard it crossed.
+    assert_eq!(sent.iter().filter(|(op, _)| *op == "put").count(), 2, "{sent:?}");
+    let mut sent = sent;
+    sent.dedup();
+    let want: Vec<(&str, String)> = [
+        ("put", "blue"),
+        ("get", "blue"),
+        ("cas", "blue"),
+        ("scan", "blue"),
+        ("get", "default"),
+        ("delete", "blue"),
+    ]
+    .into_iter()
+    .map(|(op, ks)| (op, ks.to_owned()))
+    .collect();
+    assert_eq!(sent, want);
+    // Both handles share one write session.
+    let s = sessions(&node.seen());
+    assert!(s.iter().all(|x| x.client_id == client.client_id()), "{s:?}");
+    assert_eq!(blue.acked_through(), client.acked_through());
+
+    // An unknown keyspace is the server's definite answer, not retried.
+    let before = node.seen().len();
+    let err = client
+        .with_keyspace("nope")
+        .get("k")
+        .await
+        .expect_err("no such keyspace");
+    assert!(
+        matches!(
+            err,
+            ClientError::Server {
+                code: Code::NotFound,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(node.seen().len(), before + 1);
+}
+
+#[tokio::test]
+async fn admin_keyspace_and_shard_calls_send_what_they_are_given() {
+    let (leader, _, follower, follower_addr) = leader_and_follower().await;
+    let client = client(&[follower_addr]).await;
+    client
+        .create_keyspace("logs", Sharding::Range, 0, 3)
+        .await
+        .expect("create");
+    let names: Vec<String> = client
+        .list_keyspaces()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
+    assert_eq!(names, ["default", "logs"]);
+    let desc = client.describe_keyspace("logs").await.expect("describe");
+    assert_eq!(desc.keyspace.name, "logs");
+    assert_eq!(desc.shards.len(), 1);
+    assert_eq!(client.list_shards(None, false).await.expect("all shards").len(), 2);
+    assert_eq!(client.list_shards(Some("logs"), true).await.expect("shards").len(), 1);
+    let split = client.split_shard(200, Some(Bytes::from("m"))).await.expect("split");
+    assert_eq!((split.left.id, split.right.id), (200, 1200));
+    assert_eq!(split.left.end_display, "m");
+    client.split_shard(200, None).await.expect("split in the middle");
+    let moved = client.move_shard(200, 1, 4).await.expect("move");
+    assert!(moved.replicas.iter().any(|r| r.node_id == 4), "{moved:?}");
+    client.transfer_shard_leader(200, 3).await.expect("transfer");
+    client.drop_keyspace("logs").await.expect("drop");
+    let err = client.describe_keyspace("logs").await.expect_err("dropped");
+    assert!(
+        matches!(
+            err,
+            ClientError::Server {
+                code: Code::NotFound,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // The first call followed the follower's hint; everything reached the leader as sent.
+    assert_eq!(follower.admin_calls().len(), 1);
+    assert_eq!(
+        leader.admin_calls(),
+        [
+            AdminCall::CreateKeyspace(CreateKeyspaceRequest {
+                name: "logs".into(),
+                sharding: Sharding::Range.to_wire(),
+                shards: 0,
+                replicas: 3
+            }),
+            AdminCall::ListKeyspaces,
+            AdminCall::DescribeKeyspace("logs".into()),
+            AdminCall::ListShards(ListShardsRequest {
+                keyspace: String::new(),
+                with_stats: false
+            }),
+            AdminCall::ListShards(ListShardsRequest {
+                keyspace: "logs".into(),
+                with_stats: true
+            }),
+            AdminCall::SplitShard(SplitShardRequest {
+                shard_id: 200,
+                at: "m".into(),
+                ..Default::default()
+            }),
+            AdminCall::SplitShard(SplitShardRequest {
+                shard_id: 200,
+                at: Bytes::new(),
+                ..Default::default()
+            }),
+            AdminCall::MoveShard(MoveShardRequest {
+                shard_id: 200,
+                from_node: 1,
+                to_node: 4
+            }),
+            AdminCall::TransferShardLeader(TransferShardLeaderRequest {
+                shard_id: 200,
+                to_node: 3
+            }),
+            AdminCall::DropKeyspace("logs".into()),
+            AdminCall::DescribeKeyspace("logs".into()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn basaltctl_keyspace_and_shard_commands() {
+    let node = FakeNode::new(1, Mode::Leader);
+    let addr = start(Arc::clone(&node)).await;
+    let client = client(&[addr]).await;
+
+    assert_eq!(
+        ctl(
+            &client,
+            &["keyspace", "create", "blue", "--sharding", "hash", "--shards", "4"]
+        )
+        .await
+        .expect("create"),
+        (
+            "created keyspace blue (id 2, hash sharding, 4 shards, 3 replicas each)\n".into(),
+            EXIT_OK
+        )
+    );
+    assert_eq!(
+        node.admin_calls().last(),
+        Some(&AdminCall::CreateKeyspace(CreateKeyspaceRequest {
+            name: "blue".into(),
+            sharding: Sharding::Hash.to_wire(),
+            shards: 4,
+            replicas: 0
+        }))
+    );
+    let (json, code) = ctl(&client, &["keyspace", "list", "-o", "json"]).await.expect("list");
+    assert_eq!(code, EXIT_OK);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json output");
+    assert_eq!(v["keyspaces"][0]["name"], "blue");
+    assert_eq!(v["keyspaces"][0]["sharding"], "hash");
+    assert_eq!(v["keyspaces"][1]["name"], "default");
+    let (table, _) = ctl(&client, &["keyspace", "list"]).await.expect("list");
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.starts_with("NAME "), "{table}");
+
+    // Keys written through -k land in that keyspace only.
+    let keys: Vec<String> = (0..9).map(|i| format!("key{i}")).collect();
+    for k in &keys {
+        assert_eq!(
+            ctl(&client, &["-k", "blue", "put", k, &k.to_uppercase()])
+                .await
+                .expect("put"),
+            ("OK\n".into(), EXIT_OK)
+        );
+    }
+    assert_eq!(
+        ctl(&client, &["--keyspace", "blue", "get", "key3"]).await.expect("get"),
+        ("KEY3\n".into(), EXIT_OK)
+    );
+    assert_eq!(
+        ctl(&client, &["scan"]).await.expect("scan default"),
+        (String::new(), EXIT_OK)
+    );
+    let missing = ctl(&client, &["get", "key3"]).await.expect_err("not in default");
+    assert_eq!(missing.exit_code(), EXIT_NEGATIVE);
+
+    // A hash keyspace scans in hash order across its four shards: every key exactly once, in the
+    // order only the cursor preserves (restarting after the last key would skip or repeat keys).
+    let order = node
+        .keyspaces
+        .lock()
+        .get("blue")
+        .expect("created")
+        .ordered_keys(b"", b"");
+    assert_ne!(
+        order.iter().map(|k| k.to_vec()).collect::<Vec<_>>(),
+        {
+            let mut sorted: Vec<Vec<u8>> = order.iter().map(|k| k.to_vec()).collect();
+            sorted.sort();
+            sorted
+        },
+        "the test needs hash order to differ from key order"
+    );
+    let expected: String = order
+        .iter()
+        .map(|k| {
+            let k = std::str::from_utf8(k).expect("UTF-8 keys");
+            format!("{k}\t{}\n", k.to_uppercase())
+        })
+        .collect();
+    assert_eq!(
+        ctl(&client, &["-k", "blue", "scan"]).await.expect("scan"),
+        (expected.clone(), EXIT_OK)
+    );
+    let first_five: String = expected.lines().take(5).map(|l| format!("{l}\n")).collect();
+    assert_eq!(
+        ctl(&client, &["-k", "blue", "scan", "--limit", "5"])
+            .await
+            .expect("scan"),
+        (first_five, EXIT_OK)
+    );
+
+    let (json, _) = ctl(&client, &["keyspace", "describe", "blue", "-o", "json"])
+        .await
+        .expect("describe");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json output");
+    assert_eq!(v["keyspace"]["name"], "blue");
+    assert_eq!(v["shards"].as_array().map(Vec::len), Some(4));
+    let keys_in_shards: u64 = v["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .map(|s| s["stats"]["approximate_keys"].as_u64().expect("stats"))
+        .sum();
+    assert_eq!(keys_in_shards, 9);
+
+    // shard list: every keyspace without -k, one keyspace with it.
+    let (json, _) = ctl(&client, &["shard", "list", "-o", "json"]).await.expect("list");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json output");
+    assert_eq!(v["shards"].as_array().map(Vec::len), Some(5));
+    assert!(v["shards"][0].get("stats").is_none());
+    let (table, code) = ctl(&client, &["shard", "list", "-k", "blue", "--stats"])
+        .await
+        .expect("list");
+    assert_eq!(code, EXIT_OK);
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(
+        rows[0],
+        ["ID", "KEYSPACE", "RANGE", "EPOCH", "REPLICAS", "LEADER", "APPLIED", "BYTES", "KEYS"],
+        "{table}"
+    );
+    let shard_cells: Vec<[&str; 3]> = rows[1..].iter().map(|r| [r[0], r[1], r[2]]).collect();
+    assert_eq!(
+        shard_cells,
+        [
+            ["200", "blue", "..16384"],
+            ["201", "blue", "16384..32768"],
+            ["202", "blue", "32768..49152"],
+            ["203", "blue", "49152.."]
+        ],
+        "{table}"
+    );
+    let keys_column: u64 = rows[1..].iter().map(|r| r[8].parse::<u64>().expect("a count")).sum();
+    assert_eq!(keys_column, 9, "{table}");
+    let lists: Vec<ListShardsRequest> = node
+        .admin_calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            AdminCall::ListShards(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        lists,
+        [
+            ListShardsRequest {
+                keyspace: String::new(),
+                with_stats: false
+            },
+            ListShardsRequest {
+                keyspace: "blue".into(),
+                with_stats: true
+            }
+        ]
+    );
+
+    assert_eq!(
+        ctl(&client, &["shard", "split", "7", "--at", "m"])
+            .await
+            .expect("split"),
+        ("split shard 7 into 7 (..m) and 1007 (m..)\n".into(), EXIT_OK)
+    );
+    assert_eq!(
+        ctl(&client, &["shard", "move", "7", "--from", "1", "--to", "4"])
+            .await
+            .expect("move"),
+        (
+            "moved shard 7 from node 1 to node 4; replicas 2,3,4 (epoch 2)\n".into(),
+            EXIT_OK
+        )
+    );
+    assert_eq!(
+        ctl(&client, &["shard", "leader-transfer", "7", "--to", "2"])
+            .await
+            .expect("transfer"),
+        ("leader transfer of shard 7 to 2 accepted\n".into(), EXIT_OK)
+    );
+    assert_eq!(
+        ctl(&client, &["leader", "transfer", "3", "--shard", "7"])
+            .await
+            .expect("transfer"),
+        ("leader transfer of shard 7 to 3 accepted\n".into(), EXIT_OK)
+    );
+    assert_eq!(
+        ctl(&client, &["leader", "transfer", "3"]).await.expect("transfer"),
+        ("leader transfer to 3 accepted\n".into(), EXIT_OK)
+    );
+    let calls = node.admin_calls();
+    assert_eq!(
+        calls[calls.len() - 4..],
+        [
+            AdminCall::SplitShard(SplitShardRequest {
+                shard_id: 7,
+                at: "m".into(),
+                ..Default::default()
+            }),
+            AdminCall::MoveShard(MoveShardRequest {
+                shard_id: 7,
+                from_node: 1,
+                to_node: 4
+            }),
+            AdminCall::TransferShardLeader(TransferShardLeaderRequest {
+                shard_id: 7,
+                to_node: 2
+            }),
+            AdminCall::TransferShardLeader(TransferShardLeaderRequest {
+                shard_id: 7,
+                to_node: 3
+            }),
+        ]
+    );
+    assert_eq!(node.seen().last(), Some(&Seen::Admin("transfer_leader")));
+
+    assert_eq!(
+        ctl(&client, &["keyspace", "drop", "blue"]).await.expect("drop"),
+        ("dropped keyspace blue\n".into(), EXIT_OK)
+    );
+    let err = ctl(&client, &["keyspace", "describe", "blue"])
+        .await
+        .expect_err("dropped");
+    assert_eq!(err.exit_code(), EXIT_FAILURE);
+    let err = ctl(&client, &["-k", "blue", "get", "key1"]).await.expect_err("dropped");
+    assert_eq!(err.exit_code(), EXIT_FAILURE);
 }

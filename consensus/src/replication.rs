@@ -9,7 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
-use basalt_storage::{KvStateMachine, WriteRequest, WriteResponse};
+use basalt_storage::{KvStateMachine, ShardScan, ShardScanPage, ShardState, WriteRequest, WriteResponse};
 use parking_lot::RwLock;
 
 use crate::ReplicationError;
@@ -93,8 +93,20 @@ impl StateReader {
         self.health.observe(got)
     }
 
+    /// One shard's part of a scan; a position outside the shard is a `WrongShard` storage error.
+    pub fn scan_shard(&self, scan: &ShardScan) -> Result<ShardScanPage, ReplicationError> {
+        self.health.check()?;
+        let got = self.inner.read().scan_shard(scan);
+        self.health.observe(got)
+    }
+
     pub fn applied_index(&self) -> u64 {
         self.inner.read().applied_index()
+    }
+
+    /// The shard as of the last apply.
+    pub fn shard(&self) -> ShardState {
+        self.inner.read().shard().clone()
     }
 }
 

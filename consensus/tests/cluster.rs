@@ -38,7 +38,12 @@ struct TestCluster {
 }
 
 fn group_config(id: u64, dir: &std::path::Path, threshold: u64) -> RaftGroupConfig {
-    let mut c = RaftGroupConfig::new(id, 1, DEFAULT_KEYSPACE, dir.join("snapshots"));
+    let mut c = RaftGroupConfig::new(
+        id,
+        1,
+        basalt_storage::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        dir.join("snapshots"),
+    );
     c.snapshot_threshold = threshold;
     c.logs_kept_after_snapshot = 5;
     c

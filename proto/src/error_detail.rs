@@ -14,7 +14,7 @@ pub use crate::v1::error_detail::Kind as ErrorKind;
 /// Builds a status whose code matches `kind` and whose details carry it encoded.
 pub fn status_with_detail(message: impl Into<String>, kind: ErrorKind) -> Status {
     let code = match &kind {
-        Kind::NotLeader(_) => Code::Unavailable,
+        Kind::NotLeader(_) | Kind::WrongShard(_) => Code::Unavailable,
         Kind::InvalidArgument(_) => Code::InvalidArgument,
         Kind::SessionExpired(_) => Code::FailedPrecondition,
         Kind::Corruption(_) => Code::DataLoss,

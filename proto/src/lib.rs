@@ -17,6 +17,7 @@ pub mod v1 {
 
 pub mod dial;
 mod error_detail;
+pub mod keycodec;
 
 pub use dial::Dialer;
 pub use error_detail::{status_with_detail, ErrorKind};

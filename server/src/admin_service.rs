@@ -1,7 +1,11 @@
-//! The public `Admin` gRPC service: cluster status and membership.
+//! The public `Admin` gRPC service: cluster status and membership, keyspaces and shards.
 //!
-//! Membership changes and leader transfer run on the leader (forwarded there from a follower,
-//! like writes). Cluster status can be asked of any node: it reports its own view and asks every
+//! Membership changes and leader transfer act on the meta group (whose members are the cluster's
+//! members) and run on its leader (forwarded there from a follower, like writes). So do catalog
+//! changes (keyspace create/drop, split), which the placement driver carries out there; catalog
+//! listings are served by any node from its own meta replica. A split's proposal itself runs on
+//! the shard's leader: the driver sends it there as an internal `SplitShard` carrying the new
+//! group's id. Cluster status can be asked of any node: it reports its own view and asks every
 //! member for theirs over the peer connection, so the answer shows each member's own role, term and
 //! applied index, and marks members that did not answer as unreachable rather than guessing.
 
@@ -13,24 +17,43 @@ use basalt_consensus::{GroupStatus, Replication, ReplicationError, Role};
 use basalt_proto::v1::admin_client::AdminClient;
 use basalt_proto::v1::admin_server::Admin;
 use basalt_proto::v1::{
-    AddMemberRequest, AddMemberResponse, ClusterStatusRequest, ClusterStatusResponse, Member, NodeStatusRequest,
-    RemoveMemberRequest, RemoveMemberResponse, Role as PbRole, TransferLeaderRequest, TransferLeaderResponse,
+    AddMemberRequest, AddMemberResponse, ClusterStatusRequest, ClusterStatusResponse, CreateKeyspaceRequest,
+    CreateKeyspaceResponse, DescribeKeyspaceRequest, DescribeKeyspaceResponse, DropKeyspaceRequest,
+    DropKeyspaceResponse, ListKeyspacesRequest, ListKeyspacesResponse, ListShardsRequest, ListShardsResponse, Member,
+    MoveShardRequest, MoveShardResponse, NodeStatusRequest, RemoveMemberRequest, RemoveMemberResponse, Role as PbRole,
+    Shard as PbShard, Sharding, SplitShardRequest, SplitShardResponse, TransferLeaderRequest, TransferLeaderResponse,
+    TransferShardLeaderRequest, TransferShardLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
+use crate::catalog::{Catalog, ShardDesc};
 use crate::forward::{is_forwarded, Forwarder};
 use crate::kv_service::header;
 use crate::limits::{check_member_address, invalid};
 use crate::metrics::ServerMetrics;
+use crate::placement::{self, Placement, PlacementError};
 
 /// How long a status probe of one member may take before it counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 
 pub struct AdminService {
+    /// The meta group's local replica.
     group: Arc<dyn Replication>,
+    placement: Placement,
     peers: PeerClients,
     forwarder: Forwarder,
     metrics: ServerMetrics,
+}
+
+fn placement_status(e: PlacementError) -> Status {
+    match e {
+        PlacementError::Invalid(m) => Status::invalid_argument(m),
+        PlacementError::NotFound(m) => Status::not_found(m),
+        PlacementError::AlreadyExists(m) => Status::already_exists(m),
+        PlacementError::Conflict(m) => Status::aborted(m),
+        PlacementError::Replication(e) => crate::errors::to_status(e),
+        PlacementError::Catalog(e) => Status::internal(e.to_string()),
+    }
 }
 
 fn pb_role(r: Role) -> PbRole {
@@ -44,9 +67,10 @@ fn pb_role(r: Role) -> PbRole {
 }
 
 impl AdminService {
-    pub fn new(group: Arc<dyn Replication>, peers: PeerClients, forwarder: Forwarder, metrics: ServerMetrics) -> Self {
+    pub fn new(placement: Placement, peers: PeerClients, forwarder: Forwarder, metrics: ServerMetrics) -> Self {
         Self {
-            group,
+            group: placement.meta(),
+            placement,
             peers,
             forwarder,
             metrics,
@@ -76,6 +100,219 @@ impl AdminService {
             applied_index: s.applied_index,
             voter,
         }
+    }
+
+    /// Runs a catalog change on the meta leader: here if this node leads the meta group, else
+    /// forwarded there.
+    async fn on_meta_leader<Req, Resp, T, F, Fut>(
+        &self,
+        method: &'static str,
+        result: Result<T, PlacementError>,
+        original: Req,
+        forwarded: bool,
+        call: F,
+        ok: impl FnOnce(T) -> Resp,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(AdminClient<tonic::transport::Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    {
+        match result {
+            Ok(v) => Ok(Response::new(ok(v))),
+            Err(PlacementError::Replication(e @ ReplicationError::NotLeader { .. })) => {
+                self.forwarder
+                    .forward_not_leader(
+                        self.group.as_ref(),
+                        &self.metrics,
+                        method,
+                        e,
+                        original,
+                        forwarded,
+                        |ch, r| call(AdminClient::new(ch), r),
+                    )
+                    .await
+            }
+            Err(e) => Err(placement_status(e)),
+        }
+    }
+
+    fn catalog(&self) -> Result<Arc<Catalog>, Status> {
+        self.placement.cached().map_err(placement_status)
+    }
+
+    fn shard_pb(&self, cat: &Catalog, s: &ShardDesc, stats: bool) -> PbShard {
+        let name = cat
+            .keyspace_by_id(s.keyspace)
+            .map(|k| k.name.clone())
+            .unwrap_or_default();
+        let local = self.placement.replicas().get(s.id);
+        let leader = local.as_ref().and_then(|g| g.status().leader_id).unwrap_or(0);
+        let mut pb = s.to_pb(&name, &self.placement.addresses(), leader);
+        if let (true, Some(g)) = (stats, local) {
+            let status = g.status();
+            pb.applied_index = status.applied_index;
+            let mut cursor = Some(s.start.clone());
+            while let Some(c) = cursor {
+                let scan = basalt_storage::ShardScan {
+                    cursor: Some(c),
+                    ..Default::default()
+                };
+                match g.reader().scan_shard(&scan) {
+                    Ok(page) => {
+                        pb.approximate_keys += page.kvs.len() as u64;
+                        pb.approximate_bytes += page.kvs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+                        cursor = page.cursor.filter(|c| s.contains(c));
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        pb
+    }
+
+    /// The split proposal on the shard's leader (an internal request from the driver).
+    async fn split_on_shard_leader(
+        &self,
+        req: SplitShardRequest,
+        forwarded: bool,
+    ) -> Result<Response<SplitShardResponse>, Status> {
+        let cat = self.catalog()?;
+        let Some(g) = self.placement.replicas().get(req.shard_id) else {
+            // Not hosted here: try the shard's replicas as the catalog knows them.
+            let desc = cat
+                .shards
+                .get(&req.shard_id)
+                .ok_or_else(|| Status::not_found(format!("shard {} does not exist", req.shard_id)))?;
+            if forwarded {
+                return Err(Status::unavailable(format!(
+                    "shard {} is not hosted here",
+                    req.shard_id
+                )));
+            }
+            let addrs = self.placement.addresses();
+            let mut last = Status::unavailable(format!("no replica of shard {} answered", req.shard_id));
+            for r in &desc.replicas {
+                let Some(addr) = addrs.get(r) else { continue };
+                match self
+                    .forwarder
+                    .forward(Some(*r), addr, req.clone(), |ch, r| async move {
+                        AdminClient::new(ch).split_shard(r).await
+                    })
+                    .await
+                {
+                    Ok(resp) => return Ok(resp),
+                    Err(e) => last = e,
+                }
+            }
+            return Err(last);
+        };
+        let shard = g.reader().shard();
+        let at = if req.at.is_empty() {
+            placement::split_point(&shard, &[], Some(&g)).map_err(placement_status)?
+        } else {
+            req.at.to_vec()
+        };
+        let r = placement::propose_split(&g, at, req.new_group, req.expected_epoch).await;
+        let keyspace = cat
+            .keyspace_by_id(shard.keyspace)
+            .map(|k| k.name.clone())
+            .unwrap_or_default();
+        match r {
+            Ok((left, right)) => {
+                let addrs = self.placement.addresses();
+                let members: Vec<u64> = g.status().members.iter().map(|m| m.id).collect();
+                let to_pb = |id: u64, s: basalt_storage::ShardState| {
+                    ShardDesc {
+                        id,
+                        keyspace: s.keyspace,
+                        hashed: s.hashed,
+                        start: s.start,
+                        end: s.end,
+                        epoch: s.epoch,
+                        replicas: members.clone(),
+                        bootstrap: false,
+                    }
+                    .to_pb(&keyspace, &addrs, 0)
+                };
+                Ok(Response::new(SplitShardResponse {
+                    header: Some(header(g.as_ref())),
+                    left: Some(to_pb(req.shard_id, left)),
+                    right: Some(to_pb(req.new_group, right)),
+                }))
+            }
+            Err(PlacementError::Replication(e @ ReplicationError::NotLeader { .. })) => {
+                self.forwarder
+                    .forward_not_leader(
+                        g.as_ref(),
+                        &self.metrics,
+                        "split_shard",
+                        e,
+                        req,
+                        forwarded,
+                        |ch, r| async move { AdminClient::new(ch).split_shard(r).await },
+                    )
+                    .await
+            }
+            Err(e) => Err(placement_status(e)),
+        }
+    }
+
+    /// A user's split, run by the driver on the meta leader: allocate the new group, have the
+    /// shard's leader split, record both halves.
+    async fn split_as_driver(&self, req: &SplitShardRequest) -> Result<SplitShardResponse, PlacementError> {
+        let meta = self.placement.meta();
+        if meta.status().role != Role::Leader {
+            return Err(PlacementError::Replication(ReplicationError::NotLeader {
+                leader_id: meta.status().leader_id,
+                leader_addr: meta.status().leader_addr,
+            }));
+        }
+        meta.read_barrier().await?;
+        let cat = self.placement.catalog()?;
+        let desc = cat
+            .shards
+            .get(&req.shard_id)
+            .ok_or_else(|| PlacementError::NotFound(format!("shard {} does not exist", req.shard_id)))?
+            .clone();
+        let local = self.placement.replicas().get(desc.id);
+        let at = if req.at.is_empty() && !desc.hashed {
+            Vec::new() // the shard's leader picks its median key
+        } else {
+            placement::split_point(&desc.state(), &req.at, local.as_ref())?
+        };
+        let new_group = self.placement.allocate_group().await?;
+        let internal = SplitShardRequest {
+            shard_id: desc.id,
+            at: at.into(),
+            new_group,
+            expected_epoch: desc.epoch,
+        };
+        let resp = self
+            .split_on_shard_leader(internal, false)
+            .await
+            .map_err(|s| PlacementError::Conflict(format!("the shard's leader refused the split: {}", s.message())))?
+            .into_inner();
+        let (Some(left), Some(right)) = (&resp.left, &resp.right) else {
+            return Err(PlacementError::Conflict(
+                "the shard's leader answered without both halves".into(),
+            ));
+        };
+        let state = |s: &PbShard| basalt_storage::ShardState {
+            keyspace: s.keyspace_id,
+            hashed: desc.hashed,
+            start: s.start.to_vec(),
+            end: s.end.to_vec(),
+            epoch: s.epoch,
+        };
+        self.placement
+            .record_split(desc.id, new_group, state(left), state(right))
+            .await?;
+        tracing::info!(shard = desc.id, new_group, "split shard");
+        Ok(SplitShardResponse {
+            header: Some(header(meta.as_ref())),
+            left: resp.left,
+            right: resp.right,
+        })
     }
 
     /// Runs a leader-only operation, forwarding it to the leader when this node is not.
@@ -260,6 +497,197 @@ impl Admin for AdminService {
                     },
                 )
                 .await
+            })
+            .await
+    }
+
+    async fn create_keyspace(
+        &self,
+        req: Request<CreateKeyspaceRequest>,
+    ) -> Result<Response<CreateKeyspaceResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed("admin", self.group.status().node_id, "create_keyspace", async {
+                let hashed = match Sharding::try_from(req.sharding) {
+                    Ok(Sharding::Hash) => true,
+                    Ok(Sharding::Range) => false,
+                    _ => return Err(invalid("sharding", "must be range or hash")),
+                };
+                let r = self
+                    .placement
+                    .create_keyspace(&req.name, hashed, req.shards, req.replicas)
+                    .await;
+                if let Ok(ks) = &r {
+                    tracing::info!(name = %ks.name, id = ks.id, hashed, shards = ks.initial_shards, "keyspace created");
+                }
+                let g = self.group.clone();
+                self.on_meta_leader(
+                    "create_keyspace",
+                    r,
+                    req,
+                    forwarded,
+                    |mut c, r| async move { c.create_keyspace(r).await },
+                    |ks| CreateKeyspaceResponse {
+                        header: Some(header(g.as_ref())),
+                        keyspace: Some(ks.to_pb()),
+                    },
+                )
+                .await
+            })
+            .await
+    }
+
+    async fn list_keyspaces(
+        &self,
+        _req: Request<ListKeyspacesRequest>,
+    ) -> Result<Response<ListKeyspacesResponse>, Status> {
+        let cat = self.catalog()?;
+        Ok(Response::new(ListKeyspacesResponse {
+            header: Some(header(self.group.as_ref())),
+            keyspaces: cat.keyspaces.values().map(|k| k.to_pb()).collect(),
+        }))
+    }
+
+    async fn describe_keyspace(
+        &self,
+        req: Request<DescribeKeyspaceRequest>,
+    ) -> Result<Response<DescribeKeyspaceResponse>, Status> {
+        let req = req.into_inner();
+        let cat = self.catalog()?;
+        let ks = cat
+            .keyspace(&req.name)
+            .ok_or_else(|| Status::not_found(format!("keyspace {:?} does not exist", req.name)))?;
+        Ok(Response::new(DescribeKeyspaceResponse {
+            header: Some(header(self.group.as_ref())),
+            keyspace: Some(ks.to_pb()),
+            shards: cat
+                .shards_of(ks.id)
+                .into_iter()
+                .map(|s| self.shard_pb(&cat, s, false))
+                .collect(),
+        }))
+    }
+
+    async fn drop_keyspace(&self, req: Request<DropKeyspaceRequest>) -> Result<Response<DropKeyspaceResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed("admin", self.group.status().node_id, "drop_keyspace", async {
+                let r = self.placement.drop_keyspace(&req.name).await;
+                if r.is_ok() {
+                    tracing::info!(name = %req.name, "keyspace dropped");
+                }
+                let g = self.group.clone();
+                self.on_meta_leader(
+                    "drop_keyspace",
+                    r,
+                    req,
+                    forwarded,
+                    |mut c, r| async move { c.drop_keyspace(r).await },
+                    |()| DropKeyspaceResponse {
+                        header: Some(header(g.as_ref())),
+                    },
+                )
+                .await
+            })
+            .await
+    }
+
+    async fn list_shards(&self, req: Request<ListShardsRequest>) -> Result<Response<ListShardsResponse>, Status> {
+        let req = req.into_inner();
+        let cat = self.catalog()?;
+        let shards: Vec<PbShard> = if req.keyspace.is_empty() {
+            let mut all: Vec<&ShardDesc> = cat.shards.values().collect();
+            all.sort_by(|a, b| a.start.cmp(&b.start));
+            all.into_iter()
+                .map(|s| self.shard_pb(&cat, s, req.with_stats))
+                .collect()
+        } else {
+            let ks = cat
+                .keyspace(&req.keyspace)
+                .ok_or_else(|| Status::not_found(format!("keyspace {:?} does not exist", req.keyspace)))?;
+            cat.shards_of(ks.id)
+                .into_iter()
+                .map(|s| self.shard_pb(&cat, s, req.with_stats))
+                .collect()
+        };
+        Ok(Response::new(ListShardsResponse {
+            header: Some(header(self.group.as_ref())),
+            shards,
+        }))
+    }
+
+    async fn split_shard(&self, req: Request<SplitShardRequest>) -> Result<Response<SplitShardResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed("admin", self.group.status().node_id, "split_shard", async {
+                if req.new_group != 0 {
+                    return self.split_on_shard_leader(req, forwarded).await;
+                }
+                let r = self.split_as_driver(&req).await;
+                self.on_meta_leader(
+                    "split_shard",
+                    r,
+                    req,
+                    forwarded,
+                    |mut c, r| async move { c.split_shard(r).await },
+                    |resp| resp,
+                )
+                .await
+            })
+            .await
+    }
+
+    async fn move_shard(&self, _req: Request<MoveShardRequest>) -> Result<Response<MoveShardResponse>, Status> {
+        Err(Status::unimplemented(
+            "moving a shard's replica is not available yet in this version",
+        ))
+    }
+
+    async fn transfer_shard_leader(
+        &self,
+        req: Request<TransferShardLeaderRequest>,
+    ) -> Result<Response<TransferShardLeaderResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed("admin", self.group.status().node_id, "transfer_shard_leader", async {
+                if req.to_node == 0 {
+                    return Err(invalid("to_node", "node ids start at 1"));
+                }
+                let Some(g) = self.placement.replicas().get(req.shard_id) else {
+                    let cat = self.catalog()?;
+                    return Err(match cat.shards.get(&req.shard_id) {
+                        Some(s) => Status::unavailable(format!(
+                            "node {} holds no replica of shard {}; its replicas are on nodes {:?}",
+                            self.group.status().node_id,
+                            req.shard_id,
+                            s.replicas
+                        )),
+                        None => Status::not_found(format!("shard {} does not exist", req.shard_id)),
+                    });
+                };
+                let r = g.transfer_leader(req.to_node).await;
+                match r {
+                    Ok(()) => Ok(Response::new(TransferShardLeaderResponse {
+                        header: Some(header(g.as_ref())),
+                    })),
+                    Err(e) => {
+                        self.forwarder
+                            .forward_not_leader(
+                                g.as_ref(),
+                                &self.metrics,
+                                "transfer_shard_leader",
+                                e,
+                                req,
+                                forwarded,
+                                |ch, r| async move { AdminClient::new(ch).transfer_shard_leader(r).await },
+                            )
+                            .await
+                    }
+                }
             })
             .await
     }

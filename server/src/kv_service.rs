@@ -1,38 +1,48 @@
 //! The public `Kv` gRPC service.
 //!
-//! Each call: validate (see [`crate::limits`]), then either propose a write through the group or
-//! pass a ReadIndex barrier and read the local state machine. On a follower both end in
-//! `NotLeader` from the group, and the request is forwarded to the leader (see [`crate::forward`]).
-//! Every response carries a header describing the node that built it.
+//! Each call: validate (see [`crate::limits`]), route (the keyspace from the catalog, then the
+//! local replica whose shard holds the key), then either propose a write through that group or
+//! pass a ReadIndex barrier and read its local state machine. On a follower both end in
+//! `NotLeader` from the group, and the request is forwarded to the group's leader (see
+//! [`crate::forward`]). A node with no replica of the key's shard answers `WrongShard` with the
+//! catalog's descriptor of it, and so does a group whose range no longer holds the key when the
+//! write applies or the read runs (it split after the request was routed): the client retries
+//! where the descriptor says. Every response carries a header describing the node and group that
+//! built it.
 //!
 //! Keys and values arrive as `Bytes` and are copied once into the proposed command, which the log
 //! needs to own anyway.
 
 use basalt_consensus::{Replication, ReplicationError, Role};
+use basalt_proto::keycodec;
 use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::kv_server::Kv;
 use basalt_proto::v1::{
     compare_and_swap_request::Expected, CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse,
     GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, ResponseHeader, ScanRequest, ScanResponse,
-    SessionExpired, WriteSession,
+    SessionExpired, WriteSession, WrongShard,
 };
 use basalt_proto::{status_with_detail, ErrorKind};
-use basalt_storage::{Command, WriteRequest, WriteResponse};
+use basalt_storage::{Command, ShardScan, StorageError, WriteRequest, WriteResponse};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+use crate::catalog::KeyspaceDesc;
 use crate::errors::to_status;
 use crate::forward::{is_forwarded, Forwarder};
 use crate::limits::{check_key, check_scan, check_session, check_value, invalid};
 use crate::metrics::ServerMetrics;
+use crate::placement::Placement;
 use crate::planted::PlantedBug;
 
 pub struct KvService {
-    group: Arc<dyn Replication>,
+    placement: Placement,
     forwarder: Forwarder,
     metrics: ServerMetrics,
     planted_bug: Option<PlantedBug>,
 }
+
+type Group = Arc<dyn Replication>;
 
 /// Builds the header every response carries from the group's current status.
 pub fn header(group: &dyn Replication) -> ResponseHeader {
@@ -59,12 +69,71 @@ fn session_expired(s: Option<&WriteSession>) -> Status {
 }
 
 impl KvService {
-    pub fn new(group: Arc<dyn Replication>, forwarder: Forwarder, metrics: ServerMetrics) -> Self {
+    pub fn new(placement: Placement, forwarder: Forwarder, metrics: ServerMetrics) -> Self {
         Self {
-            group,
+            placement,
             forwarder,
             metrics,
             planted_bug: None,
+        }
+    }
+
+    fn node_id(&self) -> u64 {
+        self.placement.meta().status().node_id
+    }
+
+    /// The keyspace named by a request (empty: the default one).
+    fn keyspace(&self, name: &str) -> Result<KeyspaceDesc, Status> {
+        let name = if name.is_empty() {
+            keycodec::DEFAULT_KEYSPACE_NAME
+        } else {
+            name
+        };
+        let catalog = self
+            .placement
+            .cached()
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        match catalog.keyspace(name) {
+            Some(ks) => Ok(ks.clone()),
+            // The default keyspace's shard is formed at bootstrap, before the meta leader has
+            // recorded it in the catalog: serve it from the first moment.
+            None if name == keycodec::DEFAULT_KEYSPACE_NAME => Ok(crate::catalog::default_keyspace(0)),
+            None => Err(Status::not_found(format!("keyspace {name:?} does not exist"))),
+        }
+    }
+
+    /// The local replica whose shard holds stored key `key`, or `WrongShard`.
+    fn route(&self, ks: &KeyspaceDesc, key: &[u8]) -> Result<Group, Status> {
+        match self.placement.replicas().for_key(key) {
+            Some(g) => Ok(g),
+            None => Err(self.wrong_shard(ks, key)),
+        }
+    }
+
+    /// `WrongShard` for `key`, carrying the catalog's descriptor of the shard that holds it.
+    fn wrong_shard(&self, ks: &KeyspaceDesc, key: &[u8]) -> Status {
+        let current = self.placement.cached().ok().and_then(|c| {
+            c.shard_for(ks.id, key)
+                .map(|s| s.to_pb(&ks.name, &self.placement.addresses(), 0))
+        });
+        status_with_detail(
+            format!(
+                "node {} holds no replica of the shard of this key in keyspace {:?}",
+                self.node_id(),
+                ks.name
+            ),
+            ErrorKind::WrongShard(WrongShard {
+                keyspace: ks.name.clone(),
+                current,
+            }),
+        )
+    }
+
+    /// A read's error: a key the group no longer holds becomes `WrongShard`.
+    fn read_error(&self, ks: &KeyspaceDesc, key: &[u8], e: ReplicationError) -> Status {
+        match e {
+            ReplicationError::Storage(StorageError::WrongShard(_)) => self.wrong_shard(ks, key),
+            e => to_status(e),
         }
     }
 
@@ -74,14 +143,15 @@ impl KvService {
         self
     }
 
-    fn believes_it_leads(&self) -> bool {
-        self.group.status().role == Role::Leader
+    fn believes_it_leads(group: &Group) -> bool {
+        group.status().role == Role::Leader
     }
 
     /// The group refused `original`: forward it to the leader through `call` when that is
     /// what the refusal asks for (see [`Forwarder::forward_not_leader`]), else fail with it.
     async fn refused<Req, Resp, F, Fut>(
         &self,
+        group: &Group,
         method: &'static str,
         error: ReplicationError,
         original: Req,
@@ -92,17 +162,23 @@ impl KvService {
         F: FnOnce(KvClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
     {
-        let group = self.group.as_ref();
         self.forwarder
-            .forward_not_leader(group, &self.metrics, method, error, original, forwarded, |ch, r| {
-                call(KvClient::new(ch), r)
-            })
+            .forward_not_leader(
+                group.as_ref(),
+                &self.metrics,
+                method,
+                error,
+                original,
+                forwarded,
+                |ch, r| call(KvClient::new(ch), r),
+            )
             .await
     }
 
     /// Proposes `cmd`; on a follower forwards `original` to the leader through `call` instead.
     async fn write<Req, Resp, F, Fut>(
         &self,
+        group: &Group,
         method: &'static str,
         cmd: WriteRequest,
         original: Req,
@@ -115,17 +191,17 @@ impl KvService {
     {
         if self.planted_bug == Some(PlantedBug::AckBeforeQuorum)
             && matches!(cmd.command, Command::Put { .. })
-            && self.believes_it_leads()
+            && Self::believes_it_leads(group)
         {
-            let group = self.group.clone();
+            let group = group.clone();
             tokio::spawn(async move {
                 let _ = group.propose(cmd).await;
             });
             return Ok(Ok(WriteResponse::Put));
         }
-        match self.group.propose(cmd).await {
+        match group.propose(cmd).await {
             Ok(r) => Ok(Ok(r)),
-            Err(e) => self.refused(method, e, original, forwarded, call).await.map(Err),
+            Err(e) => self.refused(group, method, e, original, forwarded, call).await.map(Err),
         }
     }
 
@@ -133,6 +209,7 @@ impl KvService {
     /// to the leader instead and returns its answer.
     async fn read<Req, Resp, F, Fut>(
         &self,
+        group: &Group,
         method: &'static str,
         original: Req,
         forwarded: bool,
@@ -142,12 +219,15 @@ impl KvService {
         F: FnOnce(KvClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
     {
-        if self.planted_bug == Some(PlantedBug::StaleReadWithoutBarrier) && self.believes_it_leads() {
+        if self.planted_bug == Some(PlantedBug::StaleReadWithoutBarrier) && Self::believes_it_leads(group) {
             return Ok(None);
         }
-        match self.group.read_barrier().await {
+        match group.read_barrier().await {
             Ok(_) => Ok(None),
-            Err(e) => self.refused(method, e, original, forwarded, call).await.map(Some),
+            Err(e) => self
+                .refused(group, method, e, original, forwarded, call)
+                .await
+                .map(Some),
         }
     }
 }
@@ -158,9 +238,12 @@ impl Kv for KvService {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
         self.metrics
-            .timed("kv", self.group.status().node_id, "put", async {
+            .timed("kv", self.node_id(), "put", async {
                 check_key("key", &req.key)?;
                 check_value("value", &req.value)?;
+                let ks = self.keyspace(&req.keyspace)?;
+                let stored = ks.encode(&req.key);
+                let group = self.route(&ks, &stored)?;
                 let cmd = WriteRequest {
                     session: check_session(req.session.as_ref())?,
                     command: Command::Put {
@@ -170,18 +253,15 @@ impl Kv for KvService {
                 };
                 let session = req.session;
                 match self
-                    .write(
-                        "put",
-                        cmd,
-                        req.clone(),
-                        forwarded,
-                        |mut c, r| async move { c.put(r).await },
-                    )
+                    .write(&group, "put", cmd, req.clone(), forwarded, |mut c, r| async move {
+                        c.put(r).await
+                    })
                     .await?
                 {
                     Ok(WriteResponse::Put) => Ok(Response::new(PutResponse {
-                        header: Some(header(self.group.as_ref())),
+                        header: Some(header(group.as_ref())),
                     })),
+                    Ok(WriteResponse::WrongShard { .. }) => Err(self.wrong_shard(&ks, &stored)),
                     Ok(WriteResponse::SessionExpired) => Err(session_expired(session.as_ref())),
                     Ok(other) => Err(unexpected("put", other)),
                     Err(forwarded) => Ok(forwarded),
@@ -194,17 +274,25 @@ impl Kv for KvService {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
         self.metrics
-            .timed("kv", self.group.status().node_id, "get", async {
+            .timed("kv", self.node_id(), "get", async {
                 check_key("key", &req.key)?;
+                let ks = self.keyspace(&req.keyspace)?;
+                let stored = ks.encode(&req.key);
+                let group = self.route(&ks, &stored)?;
                 if let Some(resp) = self
-                    .read("get", req.clone(), forwarded, |mut c, r| async move { c.get(r).await })
+                    .read(&group, "get", req.clone(), forwarded, |mut c, r| async move {
+                        c.get(r).await
+                    })
                     .await?
                 {
                     return Ok(resp);
                 }
-                let value = self.group.reader().get(&req.key).map_err(to_status)?;
+                let value = group
+                    .reader()
+                    .get(&req.key)
+                    .map_err(|e| self.read_error(&ks, &stored, e))?;
                 Ok(Response::new(GetResponse {
-                    header: Some(header(self.group.as_ref())),
+                    header: Some(header(group.as_ref())),
                     value: value.map(Into::into),
                 }))
             })
@@ -215,23 +303,27 @@ impl Kv for KvService {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
         self.metrics
-            .timed("kv", self.group.status().node_id, "delete", async {
+            .timed("kv", self.node_id(), "delete", async {
                 check_key("key", &req.key)?;
+                let ks = self.keyspace(&req.keyspace)?;
+                let stored = ks.encode(&req.key);
+                let group = self.route(&ks, &stored)?;
                 let cmd = WriteRequest {
                     session: check_session(req.session.as_ref())?,
                     command: Command::Delete { key: req.key.to_vec() },
                 };
                 let session = req.session;
                 match self
-                    .write("delete", cmd, req.clone(), forwarded, |mut c, r| async move {
+                    .write(&group, "delete", cmd, req.clone(), forwarded, |mut c, r| async move {
                         c.delete(r).await
                     })
                     .await?
                 {
                     Ok(WriteResponse::Delete { existed }) => Ok(Response::new(DeleteResponse {
-                        header: Some(header(self.group.as_ref())),
+                        header: Some(header(group.as_ref())),
                         existed,
                     })),
+                    Ok(WriteResponse::WrongShard { .. }) => Err(self.wrong_shard(&ks, &stored)),
                     Ok(WriteResponse::SessionExpired) => Err(session_expired(session.as_ref())),
                     Ok(other) => Err(unexpected("delete", other)),
                     Err(forwarded) => Ok(forwarded),
@@ -244,31 +336,45 @@ impl Kv for KvService {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
         self.metrics
-            .timed("kv", self.group.status().node_id, "scan", async {
+            .timed("kv", self.node_id(), "scan", async {
                 let limit = check_scan(&req.start, &req.end, req.limit)?;
+                let ks = self.keyspace(&req.keyspace)?;
+                let cursor = (!req.cursor.is_empty()).then(|| req.cursor.to_vec());
+                let position = keycodec::scan_position(ks.id, ks.hashed, cursor.as_deref(), &req.start);
+                if !position.starts_with(&ks.id.to_be_bytes()) {
+                    return Err(invalid("cursor", "does not belong to this keyspace"));
+                }
+                let group = self.route(&ks, &position)?;
                 if let Some(resp) = self
-                    .read(
-                        "scan",
-                        req.clone(),
-                        forwarded,
-                        |mut c, r| async move { c.scan(r).await },
-                    )
+                    .read(&group, "scan", req.clone(), forwarded, |mut c, r| async move {
+                        c.scan(r).await
+                    })
                     .await?
                 {
                     return Ok(resp);
                 }
-                let end = (!req.end.is_empty()).then_some(&req.end[..]);
-                let (kvs, more) = self.group.reader().scan(&req.start, end, limit).map_err(to_status)?;
+                let scan = ShardScan {
+                    cursor,
+                    start: req.start.to_vec(),
+                    end: (!req.end.is_empty()).then(|| req.end.to_vec()),
+                    limit,
+                };
+                let page = group
+                    .reader()
+                    .scan_shard(&scan)
+                    .map_err(|e| self.read_error(&ks, &position, e))?;
                 Ok(Response::new(ScanResponse {
-                    header: Some(header(self.group.as_ref())),
-                    kvs: kvs
+                    header: Some(header(group.as_ref())),
+                    kvs: page
+                        .kvs
                         .into_iter()
                         .map(|(k, v)| KeyValue {
                             key: k.into(),
                             value: v.into(),
                         })
                         .collect(),
-                    more,
+                    more: page.cursor.is_some(),
+                    cursor: page.cursor.unwrap_or_default().into(),
                 }))
             })
             .await
@@ -281,9 +387,12 @@ impl Kv for KvService {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
         self.metrics
-            .timed("kv", self.group.status().node_id, "compare_and_swap", async {
+            .timed("kv", self.node_id(), "compare_and_swap", async {
                 check_key("key", &req.key)?;
                 check_value("new_value", &req.new_value)?;
+                let ks = self.keyspace(&req.keyspace)?;
+                let stored = ks.encode(&req.key);
+                let group = self.route(&ks, &stored)?;
                 let expected = match &req.expected {
                     Some(Expected::ExpectedValue(v)) => {
                         check_value("expected_value", v)?;
@@ -310,18 +419,24 @@ impl Kv for KvService {
                 };
                 let session = req.session;
                 match self
-                    .write("compare_and_swap", cmd, req.clone(), forwarded, |mut c, r| async move {
-                        c.compare_and_swap(r).await
-                    })
+                    .write(
+                        &group,
+                        "compare_and_swap",
+                        cmd,
+                        req.clone(),
+                        forwarded,
+                        |mut c, r| async move { c.compare_and_swap(r).await },
+                    )
                     .await?
                 {
                     Ok(WriteResponse::CompareAndSwap { succeeded, current }) => {
                         Ok(Response::new(CompareAndSwapResponse {
-                            header: Some(header(self.group.as_ref())),
+                            header: Some(header(group.as_ref())),
                             succeeded,
                             current_value: current.map(Into::into),
                         }))
                     }
+                    Ok(WriteResponse::WrongShard { .. }) => Err(self.wrong_shard(&ks, &stored)),
                     Ok(WriteResponse::SessionExpired) => Err(session_expired(session.as_ref())),
                     Ok(other) => Err(unexpected("compare_and_swap", other)),
                     Err(forwarded) => Ok(forwarded),

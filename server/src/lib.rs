@@ -1,14 +1,17 @@
 //! The Basalt node (`basaltd`).
 //!
 //! Where a request flows: a client's gRPC call arrives at [`kv_service`] or [`admin_service`],
-//! is validated against [`limits`], and goes to the replica group through the
+//! is validated against [`limits`], finds its keyspace in the [`catalog`] and the local replica
+//! whose shard holds its key in [`replicas`], and goes to that replica group through the
 //! `basalt_consensus::Replication` trait; on a follower it is forwarded to the leader
-//! ([`forward`]). Errors become gRPC statuses in one place ([`errors`]). [`node`] assembles the
+//! ([`forward`]). Catalog changes (keyspaces, splits) are carried out by the [`placement`] driver
+//! on the meta group's leader; every node's reconciler opens and removes replicas to match. Errors become gRPC statuses in one place ([`errors`]). [`node`] assembles the
 //! engine, the group-commit writer, the groups and the servers; [`config`] resolves flags, file and
 //! defaults; [`metrics`] serves Prometheus text on `/metrics`. [`planted`] holds the deliberate bugs
 //! that only the simulator can switch on, to test its checkers.
 
 pub mod admin_service;
+pub mod catalog;
 pub mod config;
 pub mod errors;
 pub mod forward;
@@ -16,7 +19,9 @@ pub mod kv_service;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod placement;
 pub mod planted;
+pub mod replicas;
 
 pub use node::{Node, NodeEnv};
 pub use planted::PlantedBug;

@@ -5,9 +5,12 @@
 //! 1. claim the data directory (it records the node id; a different id is refused, so two configs
 //!    can never share one directory's Raft state),
 //! 2. open the engine and the group-commit writer,
-//! 3. open the group (its Raft state, if any, is recovered here),
+//! 3. open the meta group's replica and every replica the engine records (their Raft state, if
+//!    any, is recovered here),
 //! 4. bind the gRPC and metrics ports (failing fast on a taken port) and start serving,
-//! 5. bootstrap the group if, and only if, its Raft state is new and this node is a founding member.
+//! 5. bootstrap, if and only if this node is a founding member whose state is new: the meta group
+//!    and the default keyspace's first shard (group 2), both with the founding members,
+//! 6. start the placement loop (see [`crate::placement`]).
 //!
 //! Serving starts before bootstrap because founding members must already answer each other's
 //! votes when the first election begins.
@@ -18,14 +21,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_consensus::raft::network::PeerClients;
-use basalt_consensus::raft::peer_service::{GroupRegistry, PeerService};
-use basalt_consensus::raft::{RaftGroup, RaftGroupConfig};
+use basalt_consensus::raft::peer_service::PeerService;
 use basalt_consensus::{ConsensusMetrics, Replication, ReplicationError};
 use basalt_proto::v1::admin_server::AdminServer;
 use basalt_proto::v1::kv_server::KvServer;
 use basalt_proto::v1::raft_peer_server::RaftPeerServer;
 use basalt_proto::Dialer;
-use basalt_storage::{Engine, GroupCommitWriter, RocksEngine, StorageError, StorageMetrics, DEFAULT_KEYSPACE};
+use basalt_storage::{
+    Engine, GroupCommitWriter, RocksEngine, ShardState, StorageError, StorageMetrics, DEFAULT_KEYSPACE,
+};
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -34,14 +38,17 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::Connected;
 
 use crate::admin_service::AdminService;
+use crate::catalog::{meta_shard, META_GROUP};
 use crate::config::NodeConfig;
 use crate::forward::Forwarder;
 use crate::kv_service::KvService;
 use crate::metrics::{bind_metrics, serve_metrics, ServerMetrics};
+use crate::placement::Placement;
 use crate::planted::PlantedBug;
+use crate::replicas::Replicas;
 
-/// The one group of the foundation: the default keyspace, whole.
-pub const DEFAULT_GROUP: u64 = 1;
+/// The default keyspace's first shard, formed at bootstrap by the founding members.
+pub const DEFAULT_GROUP: u64 = 2;
 const NODE_ID_FILE: &str = "NODE_ID";
 /// Largest gRPC message accepted: a maximal value plus headroom.
 const MAX_MESSAGE_BYTES: usize = 4 << 20;
@@ -70,7 +77,7 @@ pub enum NodeError {
 
 pub struct Node {
     cfg: NodeConfig,
-    group: Arc<RaftGroup>,
+    replicas: Arc<Replicas>,
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
@@ -174,21 +181,24 @@ impl Node {
         let consensus_metrics = ConsensusMetrics::new(&metrics.registry)?;
         let peers = PeerClients::with_dialer(env.dialer);
 
-        let mut gcfg = RaftGroupConfig::new(
-            cfg.node_id,
-            DEFAULT_GROUP,
-            DEFAULT_KEYSPACE,
-            cfg.data_dir.join("snapshots").join(format!("group-{DEFAULT_GROUP}")),
-        );
-        gcfg.snapshot_threshold = cfg.snapshot_threshold;
-        gcfg.logs_kept_after_snapshot = (cfg.snapshot_threshold / 10).clamp(1, 1_000);
-        gcfg.request_timeout = cfg.request_timeout;
-        gcfg.heartbeat_interval = cfg.heartbeat_interval;
-        gcfg.election_timeout_min = cfg.election_timeout_min;
-        gcfg.election_timeout_max = cfg.election_timeout_max;
-        let group = RaftGroup::open(gcfg, engine, writer, peers.clone(), consensus_metrics).await?;
-        let registry = GroupRegistry::default();
-        registry.insert(group.clone());
+        let replicas = Replicas::new(cfg.clone(), engine, writer, peers.clone(), consensus_metrics);
+        let weak = Arc::downgrade(&replicas);
+        replicas.set_split_hook(Arc::new(move |group: u64, shard: ShardState| {
+            let weak = weak.clone();
+            tokio::spawn(async move {
+                let Some(replicas) = weak.upgrade() else { return };
+                match replicas.open(group, shard).await {
+                    Ok(_) => tracing::info!(group, "opened the replica a split created"),
+                    Err(e) => tracing::error!(group, error = %e, "could not open the replica a split created"),
+                }
+            });
+        }));
+        let meta = replicas.open(META_GROUP, meta_shard()).await?;
+        for (group, shard) in replicas.recorded()? {
+            replicas.open(group, shard).await?;
+        }
+        let registry = replicas.registry();
+        let placement = Placement::new(cfg.node_id, replicas.clone());
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -211,13 +221,12 @@ impl Node {
         };
 
         let forwarder = Forwarder::new(peers.clone(), FORWARD_TIMEOUT);
-        let dyn_group: Arc<dyn Replication> = group.clone();
         let kv =
-            KvService::new(dyn_group.clone(), forwarder.clone(), metrics.clone()).with_planted_bug(env.planted_bug);
-        let admin = AdminService::new(dyn_group, peers, forwarder, metrics.clone());
+            KvService::new(placement.clone(), forwarder.clone(), metrics.clone()).with_planted_bug(env.planted_bug);
+        let admin = AdminService::new(placement.clone(), peers, forwarder, metrics.clone());
         let peer = PeerService::new(registry);
 
-        let mut rx = shutdown_rx;
+        let mut rx = shutdown_rx.clone();
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(
@@ -240,13 +249,29 @@ impl Node {
             }
         }));
 
-        if !cfg.join && group.initialize(&cfg.initial_cluster).await? {
-            tracing::info!(members = ?cfg.initial_cluster, "bootstrapped a new cluster");
+        let founders: Vec<u64> = if cfg.join {
+            Vec::new()
+        } else {
+            cfg.initial_cluster.keys().copied().collect()
+        };
+        if !cfg.join {
+            if meta.initialize(&cfg.initial_cluster).await? {
+                tracing::info!(members = ?cfg.initial_cluster, "bootstrapped a new cluster");
+            }
+            let default = replicas
+                .open(DEFAULT_GROUP, ShardState::whole_keyspace(DEFAULT_KEYSPACE, false))
+                .await?;
+            default.initialize(&cfg.initial_cluster).await?;
         }
+        tasks.push(tokio::spawn(crate::placement::run(
+            placement,
+            founders,
+            shutdown_rx.clone(),
+        )));
         tracing::info!(node_id = cfg.node_id, %listen, metrics = ?metrics_listen, "node serving");
         Ok(Node {
             cfg,
-            group,
+            replicas,
             listen,
             metrics_listen,
             shutdown_tx,
@@ -263,9 +288,21 @@ impl Node {
         self.metrics_listen
     }
 
-    /// This node's replica of the group (its status and local state, for tests and the simulator).
+    /// This node's replica of the default keyspace's first shard, or of the meta group when it
+    /// holds none (its status and local state, for tests and the simulator).
     pub fn replica(&self) -> Arc<dyn Replication> {
-        self.group.clone()
+        match self.replicas.get(DEFAULT_GROUP) {
+            Some(g) => g,
+            None => self
+                .replicas
+                .get(META_GROUP)
+                .expect("the meta replica is open while the node runs"),
+        }
+    }
+
+    /// Every replica this node holds.
+    pub fn replicas(&self) -> &Arc<Replicas> {
+        &self.replicas
     }
 
     pub fn node_id(&self) -> u64 {
@@ -276,7 +313,7 @@ impl Node {
     /// acknowledged is already durable (acknowledgement waits for the fsync).
     pub async fn shutdown(self) {
         let _ = self.shutdown_tx.send(true);
-        self.group.shutdown().await;
+        self.replicas.shutdown().await;
         for t in self.tasks {
             if tokio::time::timeout(Duration::from_secs(5), t).await.is_err() {
                 tracing::warn!("a server task did not stop within 5s");

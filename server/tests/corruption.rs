@@ -26,6 +26,7 @@ fn flip_last_byte(db: &std::path::Path, cf: Cf, key: &[u8]) {
 
 async fn put(kv: &mut KvClient<tonic::transport::Channel>, key: &'static str, value: &'static str) {
     kv.put(PutRequest {
+        keyspace: String::new(),
         key: Bytes::from_static(key.as_bytes()),
         value: Bytes::from_static(value.as_bytes()),
         session: None,
@@ -57,6 +58,7 @@ async fn a_flipped_byte_in_a_stored_value_is_detected_and_the_replica_stops_serv
         .expect("the node elects itself");
     let mut kv = KvClient::connect(endpoint).await.expect("connect");
     let get = |key: &'static str| GetRequest {
+        keyspace: String::new(),
         key: Bytes::from_static(key.as_bytes()),
     };
     let status = kv

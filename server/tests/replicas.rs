@@ -6,7 +6,12 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{applied_index, client, client_of, snapshot_events, start_cluster, verify, wait_applied, write_keys};
+use common::{
+    client, client_of, shard_applied, snapshot_events, start_cluster, verify, wait_shard_applied, write_keys,
+};
+
+/// The default keyspace's shard, formed at bootstrap.
+const SHARD: u64 = basalt_server::node::DEFAULT_GROUP;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_down_while_the_log_is_compacted_catches_up_through_a_snapshot() {
@@ -26,23 +31,22 @@ async fn a_node_down_while_the_log_is_compacted_catches_up_through_a_snapshot() 
         snapshot_events(&cluster, leader, "built").await >= 1,
         "the leader built a snapshot (and so compacted its log) while node {down} was down"
     );
-    let target = applied_index(&cluster, leader).await;
+    let target = shard_applied(&cluster, leader, SHARD)
+        .await
+        .expect("the leader holds the shard");
 
     cluster.restart(down).await.expect("the follower restarts");
-    wait_applied(&cluster, down, target, Duration::from_secs(30)).await;
+    wait_shard_applied(&cluster, down, SHARD, target, Duration::from_secs(30)).await;
     assert!(
         snapshot_events(&cluster, down, "installed").await >= 1,
         "node {down} caught up by installing a snapshot, not from the log"
     );
 
-    // Make the caught-up node the leader, so the reads below are served from its state machine.
-    c.transfer_leader(down)
+    // Make the caught-up node the shard's leader, so the reads below are served from its state
+    // machine.
+    c.transfer_shard_leader(SHARD, down)
         .await
-        .expect("leadership moves to the caught-up node");
-    assert_eq!(
-        cluster.wait_for_leader(Duration::from_secs(5)).await.expect("leader"),
-        down
-    );
+        .expect("the shard's leadership moves to the caught-up node");
     verify(
         &client_of(cluster.endpoint(down).expect("node exists")).await,
         &expected,

@@ -80,7 +80,9 @@ fn planted_bug_is_caught(bug: &str, seed: &str) {
 
 #[test]
 fn a_stale_read_by_a_deposed_leader_is_caught() {
-    planted_bug_is_caught("stale-read", "7");
+    // Seed 7 caught it while the data lived in the meta group; with the default keyspace in a
+    // group of its own the schedules shifted, and seed 1 (of 1..=13) is the one that catches it.
+    planted_bug_is_caught("stale-read", "1");
 }
 
 #[test]

@@ -51,6 +51,11 @@ pub enum StorageError {
     #[error("invalid snapshot file {}: {reason}", path.display())]
     SnapshotInvalid { path: PathBuf, reason: String },
 
+    /// A read named a key outside the replica's shard (it split, or the request was routed by a
+    /// stale view). Carries the shard this replica serves, for the caller to re-route.
+    #[error("key outside shard {:?}..{:?} of keyspace {}", .0.start, .0.end, .0.keyspace)]
+    WrongShard(Box<crate::shard::ShardState>),
+
     /// The caller broke a precondition of the API (for example appended a log entry that would
     /// leave a hole). This is a bug in the caller, not a storage failure.
     #[error("invalid argument: {0}")]

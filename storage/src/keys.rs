@@ -15,111 +15,28 @@
 //! | `raft_state` | `group (u64 BE) | item tag (u8)` |
 //! | `meta` | `group (u64 BE) | item bytes` (applied state, `session/` + client id BE) |
 //!
-//! User keys go through [`encode_bytes`], a memcomparable escape, rather than being appended
-//! raw, so that something can follow them later (the descending MVCC version suffix) without
-//! breaking order: raw `"a"` + suffix could sort after raw `"a\x00"`, the escaped form cannot.
-//! Integers are big-endian because that is the encoding whose byte order is numeric order.
+//! The data-key encoding is shared with clients (they route by it), so it lives in
+//! `basalt_proto::keycodec` and is re-exported here. User keys go through [`encode_bytes`], a
+//! memcomparable escape, rather than being appended raw, so that something can follow them later
+//! (the descending MVCC version suffix) without breaking order. Integers are big-endian because
+//! that is the encoding whose byte order is numeric order.
 
 use crate::error::{Result, StorageError};
 
-/// The keyspace of the single range-sharded keyspace that exists until keyspaces can be created.
-pub const DEFAULT_KEYSPACE: u32 = 1;
+pub use basalt_proto::keycodec::{
+    data_key, encode_bytes, encode_key, keyspace_range, scan_position, DEFAULT_KEYSPACE, HASH_PREFIX_LEN, MAX_KEYSPACE,
+    SYSTEM_KEYSPACE,
+};
 
-/// The largest valid keyspace id. `u32::MAX` is reserved so that every keyspace has an
-/// exclusive upper bound (`keyspace + 1`) inside the 4-byte prefix space.
-pub const MAX_KEYSPACE: u32 = u32::MAX - 1;
-
-const ESCAPE: u8 = 0x00;
-const ESCAPED_ZERO: u8 = 0xFF;
-const TERMINATOR: u8 = 0x01;
-
-/// Appends the memcomparable encoding of `b`: every `0x00` becomes `0x00 0xFF` and the string
-/// ends with `0x00 0x01`. The terminator sorts below every escaped or ordinary continuation
-/// byte, so a string sorts before each of its extensions, exactly as raw bytes do.
-pub fn encode_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.reserve(b.len() + 2);
-    for &byte in b {
-        if byte == ESCAPE {
-            out.extend_from_slice(&[ESCAPE, ESCAPED_ZERO]);
-        } else {
-            out.push(byte);
-        }
-    }
-    out.extend_from_slice(&[ESCAPE, TERMINATOR]);
-}
-
-/// Decodes one [`encode_bytes`] string from the front of `input`; returns it and the number of
-/// bytes consumed, so that a suffix may follow.
+/// [`basalt_proto::keycodec::decode_bytes`], failing as corruption: every encoded key this crate
+/// decodes was read from inside its own range.
 pub fn decode_bytes(input: &[u8]) -> Result<(Vec<u8>, usize)> {
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        let byte = input[i];
-        if byte != ESCAPE {
-            out.push(byte);
-            i += 1;
-            continue;
-        }
-        match input.get(i + 1) {
-            Some(&ESCAPED_ZERO) => {
-                out.push(0);
-                i += 2;
-            }
-            Some(&TERMINATOR) => return Ok((out, i + 2)),
-            Some(other) => {
-                return Err(StorageError::corruption(format!(
-                    "encoded byte string has invalid escape 0x00 0x{other:02x} at offset {i}"
-                )))
-            }
-            None => break,
-        }
-    }
-    Err(StorageError::corruption(format!(
-        "encoded byte string of {} bytes has no terminator",
-        input.len()
-    )))
+    basalt_proto::keycodec::decode_bytes(input).map_err(|e| StorageError::corruption(e.0))
 }
 
-/// The data-CF key of `user_key` in `keyspace`. `shard_prefix` is empty for range-sharded
-/// keyspaces and a fixed-width hash of the user key for hash-sharded ones.
-pub fn data_key(keyspace: u32, shard_prefix: &[u8], user_key: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(4 + shard_prefix.len() + user_key.len() + 2);
-    key.extend_from_slice(&keyspace.to_be_bytes());
-    key.extend_from_slice(shard_prefix);
-    encode_bytes(&mut key, user_key);
-    key
-}
-
-/// Recovers the user key from a data key of `keyspace` whose shard prefix is `prefix_len`
-/// bytes long. Anything else (another keyspace, trailing bytes) is corruption: the caller read
-/// it from inside its own key range.
+/// [`basalt_proto::keycodec::decode_data_key`], failing as corruption.
 pub fn decode_data_key(keyspace: u32, prefix_len: usize, key: &[u8]) -> Result<Vec<u8>> {
-    let header = 4 + prefix_len;
-    if key.len() < header || key[..4] != keyspace.to_be_bytes() {
-        return Err(StorageError::corruption(format!(
-            "data key {key:?} does not belong to keyspace {keyspace}"
-        )));
-    }
-    let (user_key, used) = decode_bytes(&key[header..])?;
-    if header + used != key.len() {
-        return Err(StorageError::corruption(format!(
-            "data key {key:?} has {} unexpected trailing bytes",
-            key.len() - header - used
-        )));
-    }
-    Ok(user_key)
-}
-
-/// `[start, end)` of every data key of `keyspace`.
-///
-/// # Panics
-/// If `keyspace` is `u32::MAX`, which is reserved (see [`MAX_KEYSPACE`]); keyspace ids come
-/// from the metadata layer, which never allocates it.
-pub fn keyspace_range(keyspace: u32) -> (Vec<u8>, Vec<u8>) {
-    let next = keyspace
-        .checked_add(1)
-        .expect("keyspace id u32::MAX is reserved so that every keyspace has an upper bound");
-    (keyspace.to_be_bytes().to_vec(), next.to_be_bytes().to_vec())
+    basalt_proto::keycodec::decode_data_key(keyspace, prefix_len, key).map_err(|e| StorageError::corruption(e.0))
 }
 
 /// The raft-log-CF key of entry `index` of `group`.
@@ -186,6 +103,37 @@ pub fn group_meta_key(group: u64, item: &[u8]) -> Vec<u8> {
     key.extend_from_slice(&group.to_be_bytes());
     key.extend_from_slice(item);
     key
+}
+
+/// The pseudo-group under which node-wide items live in the meta CF. Group ids are allocated by
+/// the catalog from 1 upwards and never reach it.
+pub const NODE_ITEMS: u64 = u64::MAX;
+const REPLICA_ITEM: &[u8] = b"replica/";
+const REPLICA_ITEM_END: &[u8] = b"replica0";
+
+/// The meta-CF key recording that this node holds a replica of `group` (value: the shard it was
+/// created for). The node opens exactly these groups at start-up.
+pub fn replica_key(group: u64) -> Vec<u8> {
+    let mut key = group_meta_key(NODE_ITEMS, REPLICA_ITEM);
+    key.extend_from_slice(&group.to_be_bytes());
+    key
+}
+
+/// `[start, end)` of every [`replica_key`].
+pub fn replica_range() -> (Vec<u8>, Vec<u8>) {
+    (
+        group_meta_key(NODE_ITEMS, REPLICA_ITEM),
+        group_meta_key(NODE_ITEMS, REPLICA_ITEM_END),
+    )
+}
+
+/// Inverse of [`replica_key`].
+pub fn decode_replica_key(key: &[u8]) -> Result<u64> {
+    let prefix = group_meta_key(NODE_ITEMS, REPLICA_ITEM);
+    key.strip_prefix(prefix.as_slice())
+        .and_then(|id| <[u8; 8]>::try_from(id).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StorageError::corruption(format!("{key:?} is not a replica key")))
 }
 
 const APPLIED_ITEM: &[u8] = b"applied";

@@ -18,7 +18,9 @@ pub mod keys;
 pub mod metrics;
 pub mod raft_log;
 pub mod record;
+pub mod replica;
 pub mod session;
+pub mod shard;
 pub mod snapshot;
 pub mod state_machine;
 
@@ -28,9 +30,14 @@ pub use group_commit::{Durable, GroupCommitWriter, Submitted};
 pub use keys::{RaftStateItem, DEFAULT_KEYSPACE};
 pub use metrics::StorageMetrics;
 pub use raft_log::RaftLog;
+pub use replica::destroy_replica;
 pub use session::Session;
+pub use shard::ShardState;
 pub use snapshot::{build_snapshot, read_snapshot_info, SnapshotInfo};
-pub use state_machine::{ApplyEntry, Command, KvStateMachine, StateMachineConfig, WriteRequest, WriteResponse};
+pub use state_machine::{
+    ApplyEntry, Command, Compare, KvStateMachine, ShardScan, ShardScanPage, StateMachineConfig, TxnOp, WriteRequest,
+    WriteResponse, MAX_SCAN_LIMIT,
+};
 
 // The consensus and server layers move these across threads and tasks: fail the build, not a
 // deployment, if one of them stops being shareable.

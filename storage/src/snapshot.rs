@@ -7,7 +7,8 @@
 //! record:  kind u8 | key_len u32 | value_len u32 | key | value | crc32 of the preceding record bytes
 //!          kind 1 = data (key: engine data key, value: the user value), ascending keys, then
 //!          kind 2 = session (key: client id u64 BE, value: encoded session), ascending ids, then
-//!          at most one kind 3 = applied state (empty key)
+//!          at most one kind 3 = applied state (empty key), which holds the shard range; every
+//!          data key must lie inside it
 //! trailer: kind 0xFF | record count u64 | crc32 of all record bytes | crc32 of the preceding trailer bytes
 //! ```
 //!
@@ -26,7 +27,9 @@
 //!   the file before anything is allocated, so a flipped length cannot exhaust memory.
 //! * **Install is all or nothing**: [`KvStateMachine::install_snapshot`] verifies the entire
 //!   file before touching the engine, then replaces the group's data, sessions and applied state
-//!   in one durable atomic batch. A damaged file leaves the replica exactly as it was.
+//!   in one durable atomic batch. A damaged file leaves the replica exactly as it was. The data
+//!   removed is that of the replica's old range and of the snapshot's range: a replica that
+//!   missed a split learns its narrower range here, and the keys it no longer owns go too.
 //!
 //! Corruption of a snapshot file is reported as [`StorageError::SnapshotInvalid`], not as
 //! replica corruption: the replica's own state is intact and the file can be fetched again.
@@ -40,7 +43,7 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::{Cf, Engine, WriteBatch};
 use crate::error::{Result, StorageError};
-use crate::keys::{applied_state_key, decode_session_key, keyspace_range, session_key, session_range};
+use crate::keys::{applied_state_key, decode_session_key, session_key, session_range};
 use crate::record::{decode_record, encode_record};
 use crate::session::ClientSession;
 use crate::state_machine::{AppliedState, KvStateMachine};
@@ -66,11 +69,11 @@ pub struct SnapshotInfo {
     pub size: u64,
 }
 
-/// Writes a snapshot of `group`'s state machine over `keyspace` to `path`, from one
-/// consistent engine snapshot. Replaces `path` atomically.
-pub fn build_snapshot(engine: &dyn Engine, group: u64, keyspace: u32, path: &Path) -> Result<SnapshotInfo> {
+/// Writes a snapshot of `group`'s state machine (its applied shard's data, its sessions and its
+/// applied state) to `path`, from one consistent engine snapshot. Replaces `path` atomically.
+pub fn build_snapshot(engine: &dyn Engine, group: u64, path: &Path) -> Result<SnapshotInfo> {
     let tmp = temp_path(path);
-    let result = write_snapshot(engine, group, keyspace, path, &tmp);
+    let result = write_snapshot(engine, group, path, &tmp);
     if result.is_err() {
         // Best effort: the error being returned matters more than a leftover temporary file,
         // which the next build overwrites anyway.
@@ -85,17 +88,19 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn write_snapshot(engine: &dyn Engine, group: u64, keyspace: u32, path: &Path, tmp: &Path) -> Result<SnapshotInfo> {
+fn write_snapshot(engine: &dyn Engine, group: u64, path: &Path, tmp: &Path) -> Result<SnapshotInfo> {
     let file = File::create(tmp).map_err(|e| StorageError::io(format!("creating {}", tmp.display()), e))?;
     let mut out = SnapshotWriter::new(BufWriter::new(file), tmp);
-    out.header(group, keyspace)?;
 
     let mut applied = None;
     engine.with_snapshot(&mut |view| {
-        let (start, end) = keyspace_range(keyspace);
-        for item in view.scan(Cf::Data, &start, Some(&end))? {
-            let (key, stored) = item?;
-            out.record(KIND_DATA, &key, decode_record(Cf::Data, &key, &stored)?)?;
+        applied = AppliedState::load(view, group)?;
+        out.header(group, applied.as_ref().map_or(0, |a| a.shard.keyspace))?;
+        if let Some(a) = &applied {
+            for item in view.scan(Cf::Data, &a.shard.start, Some(&a.shard.end))? {
+                let (key, stored) = item?;
+                out.record(KIND_DATA, &key, decode_record(Cf::Data, &key, &stored)?)?;
+            }
         }
         let (start, end) = session_range(group);
         for item in view.scan(Cf::Meta, &start, Some(&end))? {
@@ -107,7 +112,6 @@ fn write_snapshot(engine: &dyn Engine, group: u64, keyspace: u32, path: &Path, t
                 decode_record(Cf::Meta, &key, &stored)?,
             )?;
         }
-        applied = AppliedState::load(view, group)?;
         if let Some(applied) = &applied {
             out.record(KIND_APPLIED, &[], &applied.encode()?)?;
         }
@@ -287,7 +291,9 @@ fn read_file(path: &Path, visit: &mut dyn FnMut(Item<'_>) -> Result<()>) -> Resu
     if header.keyspace > crate::keys::MAX_KEYSPACE {
         return Err(invalid(format!("reserved keyspace {}", header.keyspace)));
     }
-    let (data_start, data_end) = keyspace_range(header.keyspace);
+    // Data keys come first and ascending; they are checked against the shard range, which the
+    // applied-state record at the end carries, once it has been read.
+    let mut data_bounds: Option<(Vec<u8>, Vec<u8>)> = None;
 
     let mut records = 0u64;
     let mut records_crc = crc32fast::Hasher::new();
@@ -336,11 +342,9 @@ fn read_file(path: &Path, visit: &mut dyn FnMut(Item<'_>) -> Result<()>) -> Resu
         }
         match kind {
             KIND_DATA => {
-                if key < data_start.as_slice() || key >= data_end.as_slice() {
-                    return Err(invalid(format!(
-                        "data key {key:?} lies outside keyspace {}",
-                        header.keyspace
-                    )));
+                match &mut data_bounds {
+                    Some((_, last)) => *last = key.to_vec(),
+                    None => data_bounds = Some((key.to_vec(), key.to_vec())),
                 }
                 visit(Item::Data { key, value })?;
             }
@@ -383,6 +387,13 @@ fn read_file(path: &Path, visit: &mut dyn FnMut(Item<'_>) -> Result<()>) -> Resu
     }
     if input.left != 0 {
         return Err(invalid(format!("{} unexpected bytes after the trailer", input.left)));
+    }
+    if let Some((first, last)) = &data_bounds {
+        match &applied {
+            Some(a) if a.shard.contains(first) && a.shard.contains(last) && a.shard.keyspace == header.keyspace => {}
+            Some(_) => return Err(invalid("data keys lie outside the snapshot's shard".into())),
+            None => return Err(invalid("data without an applied state".into())),
+        }
     }
 
     Ok(Contents { header, applied, size })
@@ -429,27 +440,28 @@ impl KvStateMachine {
     /// and the in-memory state is reloaded.
     pub fn install_snapshot(&mut self, path: &Path) -> Result<SnapshotInfo> {
         let group = self.group();
-        let mut batch = WriteBatch::new();
-        let (data_start, data_end) = self.data_range().clone();
-        batch.delete_range(Cf::Data, data_start, data_end);
-        let (sessions_start, sessions_end) = session_range(group);
-        batch.delete_range(Cf::Meta, sessions_start, sessions_end);
-
+        // Deletions first, then the file's records: operations apply in order, and the range of
+        // the snapshot is only known once its last record has been read.
+        let mut puts = WriteBatch::new();
         let contents = read_file(path, &mut |item| {
             match item {
                 Item::Data { key, value } => {
-                    batch.put(Cf::Data, key.to_vec(), encode_record(key, value));
+                    puts.put(Cf::Data, key.to_vec(), encode_record(key, value));
                 }
                 Item::Session { client_id, session } => {
                     let key = session_key(group, client_id);
                     let record = encode_record(&key, &session.encode()?);
-                    batch.put(Cf::Meta, key, record);
+                    puts.put(Cf::Meta, key, record);
                 }
             }
             Ok(())
         })?;
         let header = &contents.header;
-        if header.group != group || header.keyspace != self.keyspace() {
+        let keyspace_differs = contents
+            .applied
+            .as_ref()
+            .is_some_and(|a| a.shard.keyspace != self.keyspace());
+        if header.group != group || keyspace_differs {
             return Err(StorageError::SnapshotInvalid {
                 path: path.to_path_buf(),
                 reason: format!(
@@ -460,6 +472,15 @@ impl KvStateMachine {
                 ),
             });
         }
+        let mut batch = WriteBatch::new();
+        let old = self.shard().clone();
+        batch.delete_range(Cf::Data, old.start, old.end);
+        if let Some(a) = &contents.applied {
+            batch.delete_range(Cf::Data, a.shard.start.clone(), a.shard.end.clone());
+        }
+        let (sessions_start, sessions_end) = session_range(group);
+        batch.delete_range(Cf::Meta, sessions_start, sessions_end);
+        batch.extend(puts);
         let key = applied_state_key(group);
         match &contents.applied {
             Some(applied) => {
@@ -529,10 +550,15 @@ mod tests {
     fn build_on_rocksdb_install_on_memory_gives_identical_state() {
         let dir = tempfile::tempdir().unwrap();
         let source = RocksEngine::open(&dir.path().join("db")).unwrap();
-        let mut sm = KvStateMachine::open(source.clone(), GROUP, DEFAULT_KEYSPACE).unwrap();
+        let mut sm = KvStateMachine::open(
+            source.clone(),
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         populate(&mut sm, 40);
         let path = dir.path().join("snap");
-        let info = build_snapshot(&*source, GROUP, DEFAULT_KEYSPACE, &path).unwrap();
+        let info = build_snapshot(&*source, GROUP, &path).unwrap();
         assert_eq!(info.applied_index, 40);
         assert_eq!(info.applied_meta, b"raft-meta");
         assert_eq!(info.size, std::fs::metadata(&path).unwrap().len());
@@ -540,7 +566,12 @@ mod tests {
         assert!(!temp_path(&path).exists());
 
         let target = MemoryEngine::new();
-        let mut other = KvStateMachine::open(target.clone(), GROUP, DEFAULT_KEYSPACE).unwrap();
+        let mut other = KvStateMachine::open(
+            target.clone(),
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         // Pre-existing state on the target must be replaced, not merged.
         populate(&mut other, 50);
         assert_eq!(other.install_snapshot(&path).unwrap(), info);
@@ -568,20 +599,35 @@ mod tests {
 
         // The install was durable; the later apply was not synced and is rolled back.
         target.crash();
-        let reopened = KvStateMachine::open(target, GROUP, DEFAULT_KEYSPACE).unwrap();
+        let reopened = KvStateMachine::open(
+            target,
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         assert_eq!(state(&reopened), state(&sm));
     }
 
     #[test]
     fn build_on_memory_install_on_rocksdb() {
         let source = MemoryEngine::new();
-        let mut sm = KvStateMachine::open(source.clone(), GROUP, DEFAULT_KEYSPACE).unwrap();
+        let mut sm = KvStateMachine::open(
+            source.clone(),
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         populate(&mut sm, 10);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
-        build_snapshot(&*source, GROUP, DEFAULT_KEYSPACE, &path).unwrap();
+        build_snapshot(&*source, GROUP, &path).unwrap();
         let target = RocksEngine::open(&dir.path().join("db")).unwrap();
-        let mut other = KvStateMachine::open(target, GROUP, DEFAULT_KEYSPACE).unwrap();
+        let mut other = KvStateMachine::open(
+            target,
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         other.install_snapshot(&path).unwrap();
         assert_eq!(state(&other), state(&sm));
     }
@@ -589,15 +635,25 @@ mod tests {
     #[test]
     fn any_flipped_byte_is_rejected_and_the_target_is_unchanged() {
         let source = MemoryEngine::new();
-        let mut sm = KvStateMachine::open(source.clone(), GROUP, DEFAULT_KEYSPACE).unwrap();
+        let mut sm = KvStateMachine::open(
+            source.clone(),
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         populate(&mut sm, 6);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
-        build_snapshot(&*source, GROUP, DEFAULT_KEYSPACE, &path).unwrap();
+        build_snapshot(&*source, GROUP, &path).unwrap();
         let good = std::fs::read(&path).unwrap();
 
         let target = MemoryEngine::new();
-        let mut other = KvStateMachine::open(target.clone(), GROUP, DEFAULT_KEYSPACE).unwrap();
+        let mut other = KvStateMachine::open(
+            target.clone(),
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         populate(&mut other, 3);
         let before = state(&other);
         let writes = target.write_count();
@@ -627,13 +683,23 @@ mod tests {
     #[test]
     fn a_snapshot_of_another_group_is_refused() {
         let source = MemoryEngine::new();
-        let mut sm = KvStateMachine::open(source.clone(), GROUP, DEFAULT_KEYSPACE).unwrap();
+        let mut sm = KvStateMachine::open(
+            source.clone(),
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         populate(&mut sm, 3);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
-        build_snapshot(&*source, GROUP, DEFAULT_KEYSPACE, &path).unwrap();
+        build_snapshot(&*source, GROUP, &path).unwrap();
         let target: Arc<MemoryEngine> = MemoryEngine::new();
-        let mut other = KvStateMachine::open(target, GROUP + 1, DEFAULT_KEYSPACE).unwrap();
+        let mut other = KvStateMachine::open(
+            target,
+            GROUP + 1,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         assert!(matches!(
             other.install_snapshot(&path),
             Err(StorageError::SnapshotInvalid { .. })
@@ -645,7 +711,12 @@ mod tests {
     fn snapshot_is_a_consistent_point_in_time() {
         // Applies that land while the snapshot is being read must not appear in it.
         let source = MemoryEngine::new();
-        let mut sm = KvStateMachine::open(source.clone(), GROUP, DEFAULT_KEYSPACE).unwrap();
+        let mut sm = KvStateMachine::open(
+            source.clone(),
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         populate(&mut sm, 5);
         let mut seen = Vec::new();
         source
@@ -666,7 +737,7 @@ mod tests {
                     vec![],
                 )
                 .unwrap();
-                let (start, end) = keyspace_range(DEFAULT_KEYSPACE);
+                let (start, end) = crate::keys::keyspace_range(DEFAULT_KEYSPACE);
                 seen = view.scan(Cf::Data, &start, Some(&end))?.collect::<Result<Vec<_>>>()?;
                 Ok(())
             })
@@ -678,7 +749,12 @@ mod tests {
     #[test]
     fn building_from_a_corrupt_engine_fails_as_corruption() {
         let source = MemoryEngine::new();
-        let mut sm = KvStateMachine::open(source.clone(), GROUP, DEFAULT_KEYSPACE).unwrap();
+        let mut sm = KvStateMachine::open(
+            source.clone(),
+            GROUP,
+            crate::ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         populate(&mut sm, 5);
         let dk = crate::keys::data_key(DEFAULT_KEYSPACE, &[], b"key-004");
         let mut stored = source.get(Cf::Data, &dk).unwrap().unwrap();
@@ -688,7 +764,7 @@ mod tests {
         source.write(batch, false).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
-        let err = build_snapshot(&*source, GROUP, DEFAULT_KEYSPACE, &path).unwrap_err();
+        let err = build_snapshot(&*source, GROUP, &path).unwrap_err();
         assert!(err.is_corruption(), "{err}");
         assert!(!path.exists() && !temp_path(&path).exists());
     }

@@ -29,10 +29,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Cf, Engine, EngineRead, KvPair, WriteBatch};
 use crate::error::{Result, StorageError};
-use crate::keys::{self, applied_state_key, data_key, decode_data_key, keyspace_range};
+use crate::keys::{self, applied_state_key, decode_data_key, replica_key, session_key, session_range};
 use crate::metrics::StorageMetrics;
 use crate::record::{decode_record, encode_record};
 use crate::session::{Admission, Session, SessionTable};
+use crate::shard::ShardState;
 
 /// Default cap on client sessions per group.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
@@ -62,6 +63,59 @@ pub enum Command {
         #[serde(with = "serde_bytes")]
         new_value: Vec<u8>,
     },
+    /// Applies `ops` if, and only if, every comparison holds, atomically (etcd's `Txn` without
+    /// the else branch). All keys must lie in the group's shard.
+    Txn { compares: Vec<Compare>, ops: Vec<TxnOp> },
+    /// Hands `[at, end)` of this shard to the new group `new_group`. Applied on its own (see
+    /// [`KvStateMachine::apply_split`]); refused unless the shard is still at `expected_epoch`
+    /// and `at` lies strictly inside the range.
+    Split {
+        #[serde(with = "serde_bytes")]
+        at: Vec<u8>,
+        new_group: u64,
+        expected_epoch: u64,
+    },
+}
+
+/// One comparison of a [`Command::Txn`]: the key holds exactly `expected` (`None`: is absent).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Compare {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub expected: Option<Vec<u8>>,
+}
+
+/// One write of a [`Command::Txn`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum TxnOp {
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+}
+
+impl Command {
+    /// The user keys the command touches (comparisons included).
+    fn keys(&self) -> Vec<&[u8]> {
+        match self {
+            Command::Put { key, .. } | Command::Delete { key } | Command::CompareAndSwap { key, .. } => vec![key],
+            Command::Txn { compares, ops } => compares
+                .iter()
+                .map(|c| c.key.as_slice())
+                .chain(ops.iter().map(|o| match o {
+                    TxnOp::Put { key, .. } | TxnOp::Delete { key } => key.as_slice(),
+                }))
+                .collect(),
+            Command::Split { .. } => Vec::new(),
+        }
+    }
 }
 
 /// A write as replicated through the log.
@@ -76,12 +130,17 @@ pub struct WriteRequest {
 /// which may be large or sensitive.
 impl std::fmt::Display for WriteRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (op, key) = match &self.command {
-            Command::Put { key, .. } => ("put", key),
-            Command::Delete { key } => ("delete", key),
-            Command::CompareAndSwap { key, .. } => ("cas", key),
-        };
-        write!(f, "{op} key_len={}", key.len())?;
+        match &self.command {
+            Command::Put { key, .. } => write!(f, "put key_len={}", key.len())?,
+            Command::Delete { key } => write!(f, "delete key_len={}", key.len())?,
+            Command::CompareAndSwap { key, .. } => write!(f, "cas key_len={}", key.len())?,
+            Command::Txn { compares, ops } => write!(f, "txn compares={} ops={}", compares.len(), ops.len())?,
+            Command::Split {
+                new_group,
+                expected_epoch,
+                ..
+            } => write!(f, "split new_group={new_group} epoch={expected_epoch}")?,
+        }
         if let Some(s) = &self.session {
             write!(f, " session={}/{}", s.client_id, s.sequence)?;
         }
@@ -105,6 +164,25 @@ pub enum WriteResponse {
     /// The request's sequence is `<=` the session's acknowledged point: its outcome was
     /// forgotten, and applying it again could apply it twice.
     SessionExpired,
+    Txn {
+        succeeded: bool,
+    },
+    /// A key of the request lies outside the group's shard (it split or merged after the request
+    /// was routed). Nothing was applied and the session did not record it, so the client may
+    /// send the same write, with the same sequence, to the shard that now holds the key.
+    WrongShard {
+        shard: ShardState,
+    },
+    /// The split was applied: this group now serves `left`, the new group `right`.
+    Split {
+        left: ShardState,
+        right: ShardState,
+    },
+    /// The split was refused (stale epoch, or a split key outside the range); nothing changed.
+    SplitRefused {
+        shard: ShardState,
+        reason: String,
+    },
     /// Blank and membership entries.
     None,
 }
@@ -140,6 +218,8 @@ pub(crate) struct AppliedState {
     pub index: u64,
     #[serde(with = "serde_bytes")]
     pub meta: Vec<u8>,
+    /// The shard as of this apply: it moves with the data, atomically.
+    pub shard: ShardState,
 }
 
 impl AppliedState {
@@ -168,28 +248,30 @@ impl AppliedState {
 pub struct KvStateMachine {
     engine: Arc<dyn Engine>,
     group: u64,
-    keyspace: u32,
-    /// `[start, end)` of the group's data keys.
-    range: (Vec<u8>, Vec<u8>),
+    /// The shard this replica serves: the applied one, or before any apply the one it was opened
+    /// for.
+    shard: ShardState,
     sessions: SessionTable,
     applied: Option<AppliedState>,
     config: StateMachineConfig,
 }
 
 impl KvStateMachine {
-    /// Opens the state machine of `group` over `keyspace` with default tunables, loading its
-    /// sessions and applied state.
-    pub fn open(engine: Arc<dyn Engine>, group: u64, keyspace: u32) -> Result<Self> {
-        Self::open_with(engine, group, keyspace, StateMachineConfig::default())
+    /// Opens the state machine of `group` with default tunables, loading its sessions and
+    /// applied state. `shard` is what the replica serves until something is applied (a replica
+    /// that has applied anything knows its shard from its applied state).
+    pub fn open(engine: Arc<dyn Engine>, group: u64, shard: ShardState) -> Result<Self> {
+        Self::open_with(engine, group, shard, StateMachineConfig::default())
     }
 
     /// [`KvStateMachine::open`] with explicit tunables.
-    pub fn open_with(engine: Arc<dyn Engine>, group: u64, keyspace: u32, config: StateMachineConfig) -> Result<Self> {
-        if keyspace > keys::MAX_KEYSPACE {
-            return Err(StorageError::InvalidArgument(format!(
-                "keyspace {keyspace} is reserved"
-            )));
-        }
+    pub fn open_with(
+        engine: Arc<dyn Engine>,
+        group: u64,
+        shard: ShardState,
+        config: StateMachineConfig,
+    ) -> Result<Self> {
+        shard.validate()?;
         if config.max_sessions == 0 {
             return Err(StorageError::InvalidArgument(
                 "max_sessions must be at least 1: sessions are how retries apply once".into(),
@@ -198,8 +280,7 @@ impl KvStateMachine {
         let mut sm = KvStateMachine {
             engine,
             group,
-            keyspace,
-            range: keyspace_range(keyspace),
+            shard,
             sessions: SessionTable::new(config.max_sessions),
             applied: None,
             config,
@@ -223,6 +304,9 @@ impl KvStateMachine {
             .map_err(|e| self.config.metrics.observe_error(e))?;
         let (sessions, applied) = loaded.expect("with_snapshot runs the closure exactly once when it returns Ok");
         self.sessions = sessions;
+        if let Some(a) = &applied {
+            self.shard = a.shard.clone();
+        }
         self.applied = applied;
         Ok(())
     }
@@ -232,15 +316,16 @@ impl KvStateMachine {
     }
 
     pub fn keyspace(&self) -> u32 {
-        self.keyspace
+        self.shard.keyspace
+    }
+
+    /// The shard this replica serves now.
+    pub fn shard(&self) -> &ShardState {
+        &self.shard
     }
 
     pub(crate) fn engine(&self) -> &Arc<dyn Engine> {
         &self.engine
-    }
-
-    pub(crate) fn data_range(&self) -> &(Vec<u8>, Vec<u8>) {
-        &self.range
     }
 
     /// The consensus layer's blob stored with the last apply (its last applied log id and
@@ -282,6 +367,20 @@ impl KvStateMachine {
                 responses.push(WriteResponse::None);
                 continue;
             };
+            if matches!(request.command, Command::Split { .. }) {
+                return Err(StorageError::InvalidArgument(format!(
+                    "group {}: a split (entry {}) must be applied alone, with apply_split",
+                    self.group, entry.index
+                )));
+            }
+            // Checked before the session is consulted: a write refused here was not applied, so
+            // it must not be remembered as answered either.
+            if request.command.keys().iter().any(|k| !self.shard.contains_user_key(k)) {
+                responses.push(WriteResponse::WrongShard {
+                    shard: self.shard.clone(),
+                });
+                continue;
+            }
             if let Some(session) = &request.session {
                 match txn.admit(session, entry.index) {
                     Admission::Apply => {}
@@ -308,15 +407,109 @@ impl KvStateMachine {
         let applied = AppliedState {
             index: applied_index,
             meta: applied_meta,
+            shard: self.shard.clone(),
         };
-        let key = applied_state_key(self.group);
-        let record = encode_record(&key, &applied.encode()?);
-        batch.put(Cf::Meta, key, record);
+        put_applied(&mut batch, self.group, &applied)?;
         self.engine.write(batch, false)?;
 
         self.sessions.commit(changes);
         self.applied = Some(applied);
         Ok(responses)
+    }
+
+    /// Applies a [`Command::Split`] at `index`, alone, as one engine write: this group's shard
+    /// shrinks to `[start, at)` with a new epoch, and the new group is born holding `[at, end)`
+    /// with the same epoch. The new group needs no data copied: its keys are already in the
+    /// engine, untouched from here on, since this group refuses them from this entry on. Written
+    /// in the same batch, so a crash leaves either no split or the whole of it:
+    /// - the new group's applied state at index 0 with `new_group_meta` (the consensus layer's
+    ///   description of that state: its first log id and its membership, the parent's), so it
+    ///   starts as a replica that has applied its initial state and never replays anything;
+    /// - a copy of this group's client sessions, so that a write applied here before the split
+    ///   and retried after it is recognised by the new group and not applied twice;
+    /// - the new group's entry in the node's replica list.
+    ///
+    /// Every replica of this group applies the same entry, so the new group is born identical on
+    /// every node that holds this group.
+    pub fn apply_split(
+        &mut self,
+        index: u64,
+        request: &WriteRequest,
+        applied_meta: Vec<u8>,
+        new_group_meta: Vec<u8>,
+    ) -> Result<WriteResponse> {
+        self.check_indexes(&[ApplyEntry { index, request: None }], index)?;
+        let Command::Split {
+            at,
+            new_group,
+            expected_epoch,
+        } = &request.command
+        else {
+            return Err(StorageError::InvalidArgument(format!(
+                "group {}: apply_split given a non-split entry {index}",
+                self.group
+            )));
+        };
+        let mut batch = WriteBatch::new();
+        let refused = if *expected_epoch != self.shard.epoch {
+            Some(format!(
+                "shard epoch is {}, the split expected {expected_epoch}",
+                self.shard.epoch
+            ))
+        } else if !(self.shard.start.as_slice() < at.as_slice() && at.as_slice() < self.shard.end.as_slice()) {
+            Some("the split key does not lie strictly inside the shard".to_string())
+        } else if *new_group == self.group {
+            Some("the new group must differ from the splitting one".to_string())
+        } else {
+            None
+        };
+        let (response, shard) = match refused {
+            Some(reason) => (
+                WriteResponse::SplitRefused {
+                    shard: self.shard.clone(),
+                    reason,
+                },
+                self.shard.clone(),
+            ),
+            None => {
+                let (left, right) = self.shard.split(at.clone());
+                let born = AppliedState {
+                    index: 0,
+                    meta: new_group_meta,
+                    shard: right.clone(),
+                };
+                put_applied(&mut batch, *new_group, &born)?;
+                let (start, end) = session_range(self.group);
+                for item in self.engine.scan(Cf::Meta, &start, Some(&end))? {
+                    let (key, stored) = item?;
+                    let client_id = keys::decode_session_key(self.group, &key)?;
+                    let session = decode_record(Cf::Meta, &key, &stored)?;
+                    let new_key = session_key(*new_group, client_id);
+                    let record = encode_record(&new_key, session);
+                    batch.put(Cf::Meta, new_key, record);
+                }
+                let rkey = replica_key(*new_group);
+                let record = encode_record(&rkey, &right.encode()?);
+                batch.put(Cf::Meta, rkey, record);
+                (
+                    WriteResponse::Split {
+                        left: left.clone(),
+                        right,
+                    },
+                    left,
+                )
+            }
+        };
+        let applied = AppliedState {
+            index,
+            meta: applied_meta,
+            shard,
+        };
+        put_applied(&mut batch, self.group, &applied)?;
+        self.engine.write(batch, false)?;
+        self.shard = applied.shard.clone();
+        self.applied = Some(applied);
+        Ok(response)
     }
 
     fn check_indexes(&self, entries: &[ApplyEntry<'_>], applied_index: u64) -> Result<()> {
@@ -349,12 +542,12 @@ impl KvStateMachine {
     ) -> Result<WriteResponse> {
         let response = match command {
             Command::Put { key, value } => {
-                let dk = data_key(self.keyspace, &[], key);
+                let dk = self.shard.data_key(key);
                 put(overlay, batch, dk, value);
                 WriteResponse::Put
             }
             Command::Delete { key } => {
-                let dk = data_key(self.keyspace, &[], key);
+                let dk = self.shard.data_key(key);
                 let value = self.current(overlay, &dk)?;
                 batch.delete(Cf::Data, dk.clone());
                 overlay.insert(dk, None);
@@ -367,7 +560,7 @@ impl KvStateMachine {
                 expected,
                 new_value,
             } => {
-                let dk = data_key(self.keyspace, &[], key);
+                let dk = self.shard.data_key(key);
                 let value = self.current(overlay, &dk)?;
                 let succeeded = value == *expected;
                 if succeeded {
@@ -378,6 +571,25 @@ impl KvStateMachine {
                     current: value,
                 }
             }
+            Command::Txn { compares, ops } => {
+                for c in compares {
+                    if self.current(overlay, &self.shard.data_key(&c.key))? != c.expected {
+                        return Ok(WriteResponse::Txn { succeeded: false });
+                    }
+                }
+                for op in ops {
+                    match op {
+                        TxnOp::Put { key, value } => put(overlay, batch, self.shard.data_key(key), value),
+                        TxnOp::Delete { key } => {
+                            let dk = self.shard.data_key(key);
+                            batch.delete(Cf::Data, dk.clone());
+                            overlay.insert(dk, None);
+                        }
+                    }
+                }
+                WriteResponse::Txn { succeeded: true }
+            }
+            Command::Split { .. } => unreachable!("apply() refuses Split entries before executing anything"),
         };
         Ok(response)
     }
@@ -398,46 +610,105 @@ impl KvStateMachine {
         }
     }
 
-    /// The value of `key`, verified.
+    /// The value of `key`, verified. A key outside the shard is [`StorageError::WrongShard`].
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.read_data(&data_key(self.keyspace, &[], key))
+        if !self.shard.contains_user_key(key) {
+            return Err(StorageError::WrongShard(Box::new(self.shard.clone())));
+        }
+        self.read_data(&self.shard.data_key(key))
             .map_err(|e| self.config.metrics.observe_error(e))
     }
 
-    /// Pairs with keys in `[start, end)` (`end = None`: to the end of the keyspace) in
-    /// ascending key order, at most `limit` of them (0 or above [`MAX_SCAN_LIMIT`] means
-    /// `MAX_SCAN_LIMIT`), from one consistent view. The flag is true when more pairs follow.
+    /// Pairs with user keys in `[start, end)` (`end = None`: to the end of the shard) within this
+    /// shard, at most `limit` of them; the flag is true when the scan continues (more pairs, or
+    /// the range goes on in the next shard).
     pub fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<(Vec<KvPair>, bool)> {
-        self.scan_inner(start, end, limit)
+        let page = self.scan_shard(&ShardScan {
+            cursor: None,
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+            limit,
+        })?;
+        Ok((page.kvs, page.cursor.is_some()))
+    }
+
+    /// One shard's part of a scan (see [`ShardScan`]). A position outside the shard is
+    /// [`StorageError::WrongShard`].
+    pub fn scan_shard(&self, scan: &ShardScan) -> Result<ShardScanPage> {
+        self.scan_shard_inner(scan)
             .map_err(|e| self.config.metrics.observe_error(e))
     }
 
-    fn scan_inner(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<(Vec<KvPair>, bool)> {
-        let limit = if limit == 0 {
+    fn scan_shard_inner(&self, scan: &ShardScan) -> Result<ShardScanPage> {
+        let shard = &self.shard;
+        let position = shard.scan_position(scan.cursor.as_deref(), &scan.start);
+        if !shard.contains(&position) {
+            return Err(StorageError::WrongShard(Box::new(shard.clone())));
+        }
+        let limit = if scan.limit == 0 {
             MAX_SCAN_LIMIT
         } else {
-            limit.min(MAX_SCAN_LIMIT)
+            scan.limit.min(MAX_SCAN_LIMIT)
         };
-        let from = data_key(self.keyspace, &[], start);
-        let to = match end {
-            Some(end) => data_key(self.keyspace, &[], end),
-            None => self.range.1.clone(),
+        // The encoded end of the requested range: for a range keyspace the end key itself; for a
+        // hash keyspace the keyspace's end, since user keys are spread over every hash value.
+        let requested_end = match (&scan.end, shard.hashed) {
+            (Some(end), false) => shard.data_key(end),
+            _ => keys::keyspace_range(shard.keyspace).1,
         };
-        let mut out = Vec::new();
-        if from >= to {
-            return Ok((out, false));
-        }
-        for item in self.engine.scan(Cf::Data, &from, Some(&to))? {
-            let (key, value) = item?;
-            if out.len() == limit {
-                return Ok((out, true));
+        let to = requested_end.clone().min(shard.end.clone());
+        let mut kvs = Vec::new();
+        if position < to {
+            for item in self.engine.scan(Cf::Data, &position, Some(&to))? {
+                let (key, value) = item?;
+                let user_key = decode_data_key(shard.keyspace, shard.prefix_len(), &key)?;
+                if shard.hashed && !scan.user_range_contains(&user_key) {
+                    continue;
+                }
+                if kvs.len() == limit {
+                    return Ok(ShardScanPage { kvs, cursor: Some(key) });
+                }
+                let value = decode_record(Cf::Data, &key, &value)?.to_vec();
+                kvs.push((user_key, value));
             }
-            let user_key = decode_data_key(self.keyspace, 0, &key)?;
-            let value = decode_record(Cf::Data, &key, &value)?.to_vec();
-            out.push((user_key, value));
         }
-        Ok((out, false))
+        // This shard is exhausted; the range continues in the next shard if it ends later.
+        let cursor = (shard.end < requested_end).then(|| shard.end.clone());
+        Ok(ShardScanPage { kvs, cursor })
     }
+}
+
+/// A request for one shard's part of a scan. `start`/`end` are user keys (`end = None`: no upper
+/// bound); `cursor` is the encoded position a previous page stopped at.
+#[derive(Clone, Debug, Default)]
+pub struct ShardScan {
+    pub cursor: Option<Vec<u8>>,
+    pub start: Vec<u8>,
+    pub end: Option<Vec<u8>>,
+    /// 0 or above [`MAX_SCAN_LIMIT`] means `MAX_SCAN_LIMIT`.
+    pub limit: usize,
+}
+
+impl ShardScan {
+    fn user_range_contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && self.end.as_deref().is_none_or(|e| key < e)
+    }
+}
+
+/// One page of a shard scan: pairs in stored order (key order on a range keyspace, hash order
+/// on a hash keyspace), and where the scan continues (`None`: the range is exhausted). The
+/// cursor may lie in another shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardScanPage {
+    pub kvs: Vec<KvPair>,
+    pub cursor: Option<Vec<u8>>,
+}
+
+fn put_applied(batch: &mut WriteBatch, group: u64, applied: &AppliedState) -> Result<()> {
+    let key = applied_state_key(group);
+    let record = encode_record(&key, &applied.encode()?);
+    batch.put(Cf::Meta, key, record);
+    Ok(())
 }
 
 fn put(overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>, batch: &mut WriteBatch, dk: Vec<u8>, value: &[u8]) {
@@ -454,7 +725,12 @@ mod tests {
     const GROUP: u64 = 3;
 
     fn open(engine: &Arc<MemoryEngine>) -> KvStateMachine {
-        KvStateMachine::open(engine.clone(), GROUP, DEFAULT_KEYSPACE).unwrap()
+        KvStateMachine::open(
+            engine.clone(),
+            GROUP,
+            ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap()
     }
 
     fn req(session: Option<(u64, u64, u64)>, command: Command) -> WriteRequest {
@@ -686,13 +962,19 @@ mod tests {
             metrics: metrics.clone(),
             ..Default::default()
         };
-        let mut sm = KvStateMachine::open_with(engine.clone(), GROUP, DEFAULT_KEYSPACE, config).unwrap();
+        let mut sm = KvStateMachine::open_with(
+            engine.clone(),
+            GROUP,
+            ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+            config,
+        )
+        .unwrap();
         apply(
             &mut sm,
             &[req(None, put_cmd("a", "value")), req(None, put_cmd("b", "fine"))],
         );
 
-        let dk = data_key(DEFAULT_KEYSPACE, &[], b"a");
+        let dk = crate::keys::data_key(DEFAULT_KEYSPACE, &[], b"a");
         let mut stored = engine.get(Cf::Data, &dk).unwrap().unwrap();
         stored[6] ^= 0x20; // first payload byte: 'v' -> 'V'
         let mut batch = WriteBatch::new();
@@ -725,7 +1007,12 @@ mod tests {
         let requests: Vec<_> = keys.iter().map(|k| req(None, put_cmd(k, k))).collect();
         apply(&mut sm, &requests);
         // Another keyspace on the same engine must not leak into scans.
-        let mut other = KvStateMachine::open(engine.clone(), GROUP + 1, DEFAULT_KEYSPACE + 1).unwrap();
+        let mut other = KvStateMachine::open(
+            engine.clone(),
+            GROUP + 1,
+            ShardState::whole_keyspace(DEFAULT_KEYSPACE + 1, false),
+        )
+        .unwrap();
         apply(&mut other, &[req(None, put_cmd("a", "other"))]);
 
         let (all, more) = sm.scan(b"", None, 0).unwrap();
@@ -759,8 +1046,20 @@ mod tests {
         let a_engine = MemoryEngine::new();
         let dir = tempfile::tempdir().unwrap();
         let b_engine = RocksEngine::open(dir.path()).unwrap();
-        let mut a = KvStateMachine::open_with(a_engine.clone(), GROUP, DEFAULT_KEYSPACE, config()).unwrap();
-        let mut b = KvStateMachine::open_with(b_engine.clone(), GROUP, DEFAULT_KEYSPACE, config()).unwrap();
+        let mut a = KvStateMachine::open_with(
+            a_engine.clone(),
+            GROUP,
+            ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+            config(),
+        )
+        .unwrap();
+        let mut b = KvStateMachine::open_with(
+            b_engine.clone(),
+            GROUP,
+            ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+            config(),
+        )
+        .unwrap();
         let requests: Vec<WriteRequest> = [5u64, 1, 9, 5, 7, 3, 1]
             .iter()
             .enumerate()
@@ -795,8 +1094,22 @@ mod tests {
             max_sessions: 0,
             ..Default::default()
         };
-        assert!(KvStateMachine::open_with(engine.clone(), GROUP, DEFAULT_KEYSPACE, config).is_err());
-        assert!(KvStateMachine::open(engine.clone(), GROUP, u32::MAX).is_err());
+        assert!(KvStateMachine::open_with(
+            engine.clone(),
+            GROUP,
+            ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+            config
+        )
+        .is_err());
+        assert!(KvStateMachine::open(
+            engine.clone(),
+            GROUP,
+            ShardState {
+                keyspace: u32::MAX,
+                ..ShardState::whole_keyspace(1, false)
+            }
+        )
+        .is_err());
         let mut sm = open(&engine);
         let r = req(None, put_cmd("a", "1"));
         let entries = [

@@ -2,14 +2,21 @@
 //!
 //! Invariant: everything that can be checked without a server is checked here, at parse time
 //! (endpoint syntax, durations, `--prefix` against START/END, exactly one of `--expect` and
-//! `--expect-absent`), so that such mistakes exit with the usage status (2) before any
-//! connection is attempted and never look like server failures (3).
+//! `--expect-absent`, a non-empty `--keyspace`, positive shard and replica counts), so that such
+//! mistakes exit with the usage status (2) before any connection is attempted and never look like
+//! server failures (3).
+//!
+//! `--keyspace` is global and has no clap default, so that "not given" stays distinguishable:
+//! the key-value commands then use the `default` keyspace ([`Cli::keyspace`]) while `shard list`
+//! lists every keyspace's shards. (A `shard list --keyspace` of its own would clash with the global
+//! option; clap rejects two arguments with one long name.)
 
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cli::duration::parse_duration;
+use crate::client::{Sharding, DEFAULT_KEYSPACE};
 use crate::endpoint::parse_endpoint_list;
 
 const EXIT_CODES_HELP: &str = "\
@@ -42,8 +49,35 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub hex: bool,
 
+    /// Keyspace for get/put/del/cas/scan [default: default]; for `shard list`, list only its
+    /// shards (without it, every keyspace's).
+    #[arg(
+        short = 'k',
+        long,
+        global = true,
+        env = "BASALT_KEYSPACE",
+        value_name = "NAME",
+        value_parser = parse_keyspace
+    )]
+    pub keyspace: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The keyspace the key-value commands use.
+    pub fn keyspace(&self) -> &str {
+        self.keyspace.as_deref().unwrap_or(DEFAULT_KEYSPACE)
+    }
+}
+
+/// Rejects an empty or blank keyspace name, which on the wire would silently mean `default`.
+fn parse_keyspace(raw: &str) -> Result<String, String> {
+    if raw.trim().is_empty() {
+        return Err("a keyspace name must not be empty".into());
+    }
+    Ok(raw.to_owned())
 }
 
 /// The parsed `--endpoints` list (a newtype so clap treats it as one value, not a repeated flag).
@@ -63,6 +97,8 @@ pub enum Command {
     /// Delete KEY; prints "deleted", or "not found" and exits 1.
     Del { key: String },
     /// Print `key<TAB>value` lines for keys in [START, END), or under --prefix.
+    ///
+    /// Keys come in key order, except in a hash-sharded keyspace, where they come in hash order.
     Scan(ScanArgs),
     /// Write NEW_VALUE only if KEY holds --expect's value (or, with --expect-absent, no value).
     ///
@@ -83,6 +119,16 @@ pub enum Command {
     Leader {
         #[command(subcommand)]
         command: LeaderCommand,
+    },
+    /// Keyspaces: create, list, describe, drop.
+    Keyspace {
+        #[command(subcommand)]
+        command: KeyspaceCommand,
+    },
+    /// Shards: list, split, move, transfer leadership.
+    Shard {
+        #[command(subcommand)]
+        command: ShardCommand,
     },
 }
 
@@ -143,8 +189,99 @@ pub enum MemberCommand {
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum LeaderCommand {
-    /// Hand leadership to node ID.
-    Transfer { id: u64 },
+    /// Hand leadership to node ID (of the shard given by --shard, else of the cluster).
+    Transfer {
+        id: u64,
+        /// Transfer the leadership of this shard instead of the cluster's.
+        #[arg(long, value_name = "SHARD")]
+        shard: Option<u64>,
+    },
+}
+
+/// `--sharding` on the command line.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardingArg {
+    /// Shards are key ranges: ordered scans, possible hot spots.
+    Range,
+    /// Shards are hash ranges: even spread, scans in hash order.
+    Hash,
+}
+
+impl From<ShardingArg> for Sharding {
+    fn from(arg: ShardingArg) -> Self {
+        match arg {
+            ShardingArg::Range => Sharding::Range,
+            ShardingArg::Hash => Sharding::Hash,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum KeyspaceCommand {
+    /// Create keyspace NAME.
+    Create {
+        #[arg(value_parser = parse_keyspace)]
+        name: String,
+        /// How keys are divided into shards.
+        #[arg(long, value_enum)]
+        sharding: ShardingArg,
+        /// Shards to start with [default: 1 for range, 16 for hash].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        shards: Option<u32>,
+        /// Replicas per shard [default: 3, or fewer if fewer nodes are live].
+        #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
+        replicas: Option<u32>,
+    },
+    /// Every keyspace.
+    List {
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Keyspace NAME and its shards.
+    Describe {
+        name: String,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Drop keyspace NAME and all its data.
+    Drop { name: String },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum ShardCommand {
+    /// Shards of --keyspace, or of every keyspace.
+    List {
+        /// Also ask each shard's leader for its applied index, size and key count (slower).
+        #[arg(long)]
+        stats: bool,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Split shard ID in two.
+    Split {
+        id: u64,
+        /// Where: a key (range keyspaces) or a decimal hash value (hash keyspaces) [default: the
+        /// middle of the shard's data].
+        #[arg(long, value_name = "KEY")]
+        at: Option<String>,
+    },
+    /// Move shard ID's replica from node --from to node --to.
+    Move {
+        id: u64,
+        #[arg(long, value_name = "NODE")]
+        from: u64,
+        #[arg(long, value_name = "NODE")]
+        to: u64,
+    },
+    /// Hand shard ID's leadership to node --to.
+    LeaderTransfer {
+        id: u64,
+        #[arg(long, value_name = "NODE")]
+        to: u64,
+    },
 }
 
 #[cfg(test)]
@@ -179,8 +316,13 @@ mod tests {
         if std::env::var_os("BASALT_ENDPOINTS").is_some() {
             return;
         }
+        if std::env::var_os("BASALT_KEYSPACE").is_some() {
+            return;
+        }
         let cli = ok(&["get", "k"]);
         assert_eq!(cli.endpoints, EndpointList(vec!["127.0.0.1:7379".into()]));
+        assert_eq!(cli.keyspace, None);
+        assert_eq!(cli.keyspace(), "default");
         assert_eq!(cli.timeout, Duration::from_secs(10));
         assert!(!cli.hex);
         assert_eq!(cli.command, Command::Get { key: "k".into() });
@@ -300,11 +442,170 @@ mod tests {
         assert_eq!(
             ok(&["leader", "transfer", "2"]).command,
             Command::Leader {
-                command: LeaderCommand::Transfer { id: 2 }
+                command: LeaderCommand::Transfer { id: 2, shard: None }
+            }
+        );
+        assert_eq!(
+            ok(&["leader", "transfer", "2", "--shard", "7"]).command,
+            Command::Leader {
+                command: LeaderCommand::Transfer { id: 2, shard: Some(7) }
             }
         );
         assert_eq!(err_kind(&["member", "remove", "x"]), ErrorKind::ValueValidation);
         assert_eq!(err_kind(&["cluster", "status", "-o", "yaml"]), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn keyspace_is_global() {
+        for args in [
+            &["-k", "orders", "get", "k"][..],
+            &["get", "k", "--keyspace", "orders"],
+            &["scan", "-k", "orders", "--limit", "2"],
+        ] {
+            let cli = ok(args);
+            assert_eq!(cli.keyspace.as_deref(), Some("orders"), "{args:?}");
+            assert_eq!(cli.keyspace(), "orders");
+        }
+        assert_eq!(err_kind(&["-k", "", "get", "k"]), ErrorKind::ValueValidation);
+        assert_eq!(err_kind(&["-k", "  ", "get", "k"]), ErrorKind::ValueValidation);
+        assert_eq!(err_kind(&["get", "k", "-k"]), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn keyspace_forms() {
+        let ks = |args: &[&str]| match ok(args).command {
+            Command::Keyspace { command } => command,
+            other => panic!("not a keyspace command: {other:?}"),
+        };
+        assert_eq!(
+            ks(&[
+                "keyspace",
+                "create",
+                "orders",
+                "--sharding",
+                "hash",
+                "--shards",
+                "8",
+                "--replicas",
+                "3"
+            ]),
+            KeyspaceCommand::Create {
+                name: "orders".into(),
+                sharding: ShardingArg::Hash,
+                shards: Some(8),
+                replicas: Some(3)
+            }
+        );
+        assert_eq!(
+            ks(&["keyspace", "create", "logs", "--sharding", "range"]),
+            KeyspaceCommand::Create {
+                name: "logs".into(),
+                sharding: ShardingArg::Range,
+                shards: None,
+                replicas: None
+            }
+        );
+        assert_eq!(
+            ks(&["keyspace", "list", "-o", "json"]),
+            KeyspaceCommand::List {
+                output: OutputFormat::Json
+            }
+        );
+        assert_eq!(
+            ks(&["keyspace", "describe", "orders"]),
+            KeyspaceCommand::Describe {
+                name: "orders".into(),
+                output: OutputFormat::Table
+            }
+        );
+        assert_eq!(
+            ks(&["keyspace", "drop", "orders"]),
+            KeyspaceCommand::Drop { name: "orders".into() }
+        );
+        assert_eq!(Sharding::from(ShardingArg::Hash), Sharding::Hash);
+        assert_eq!(
+            err_kind(&["keyspace", "create", "orders"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            err_kind(&["keyspace", "create", "o", "--sharding", "round-robin"]),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            err_kind(&["keyspace", "create", "o", "--sharding", "hash", "--shards", "0"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            err_kind(&["keyspace", "create", "o", "--sharding", "hash", "--replicas", "0"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            err_kind(&["keyspace", "create", "", "--sharding", "hash"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(err_kind(&["keyspace", "drop"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn shard_forms() {
+        let shard = |args: &[&str]| {
+            let cli = ok(args);
+            match cli.command {
+                Command::Shard { command } => (cli.keyspace, command),
+                other => panic!("not a shard command: {other:?}"),
+            }
+        };
+        if std::env::var_os("BASALT_KEYSPACE").is_none() {
+            assert_eq!(
+                shard(&["shard", "list"]),
+                (
+                    None,
+                    ShardCommand::List {
+                        stats: false,
+                        output: OutputFormat::Table
+                    }
+                )
+            );
+        }
+        assert_eq!(
+            shard(&["shard", "list", "--keyspace", "orders", "--stats", "-o", "json"]),
+            (
+                Some("orders".into()),
+                ShardCommand::List {
+                    stats: true,
+                    output: OutputFormat::Json
+                }
+            )
+        );
+        assert_eq!(
+            shard(&["shard", "split", "7", "--at", "m"]).1,
+            ShardCommand::Split {
+                id: 7,
+                at: Some("m".into())
+            }
+        );
+        assert_eq!(
+            shard(&["shard", "split", "7"]).1,
+            ShardCommand::Split { id: 7, at: None }
+        );
+        assert_eq!(
+            shard(&["shard", "move", "7", "--from", "1", "--to", "4"]).1,
+            ShardCommand::Move { id: 7, from: 1, to: 4 }
+        );
+        assert_eq!(
+            shard(&["shard", "leader-transfer", "7", "--to", "2"]).1,
+            ShardCommand::LeaderTransfer { id: 7, to: 2 }
+        );
+        assert_eq!(
+            err_kind(&["shard", "move", "7", "--from", "1"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            err_kind(&["shard", "leader-transfer", "7"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(err_kind(&["shard", "split", "seven"]), ErrorKind::ValueValidation);
+        assert_eq!(err_kind(&["shard", "list", "-o", "yaml"]), ErrorKind::InvalidValue);
     }
 
     #[test]

@@ -5,16 +5,31 @@
 //! that are normal results (a failed comparison, deleting an absent key) are outputs with status
 //! 1, not errors; a missing key on `get` is an error line on stderr because `get`'s stdout is
 //! reserved for the value itself, so a script can never mistake the message for a value.
+//!
+//! The key-value commands run against `--keyspace` (the `default` keyspace when it is not given);
+//! the admin commands name their keyspace or shard themselves, except `shard list`, which lists
+//! `--keyspace`'s shards, or every keyspace's when it is not given.
 
-use crate::cli::args::{ClusterCommand, Command, LeaderCommand, MemberCommand, OutputFormat};
+use bytes::Bytes;
+
+use crate::cli::args::{
+    Cli, ClusterCommand, Command, KeyspaceCommand, LeaderCommand, MemberCommand, OutputFormat, ShardCommand,
+};
 use crate::cli::exit::{CliError, Output};
-use crate::cli::format::{cas_failed_line, cluster_status_json, cluster_status_table, kv_lines, value_line, ByteStyle};
+use crate::cli::format::{
+    cas_failed_line, cluster_status_json, cluster_status_table, keyspace_created_line, keyspace_description_json,
+    keyspace_description_table, keyspaces_json, keyspaces_table, kv_lines, shard_moved_line, shard_split_line,
+    shards_json, shards_table, value_line, ByteStyle,
+};
 use crate::cli::scan::{self, KeyRange};
 use crate::client::{Client, Expect};
 
-/// Runs `command` through `client`.
-pub async fn execute(client: &Client, command: &Command, style: ByteStyle) -> Result<Output, CliError> {
-    match command {
+/// Runs the parsed command line `cli` through `client` (whose own keyspace is ignored: the key-value
+/// commands use `cli`'s).
+pub async fn execute(client: &Client, cli: &Cli) -> Result<Output, CliError> {
+    let style = ByteStyle::from_hex_flag(cli.hex);
+    let client = &client.with_keyspace(cli.keyspace());
+    match &cli.command {
         Command::Put { key, value } => {
             client.put(key.clone(), value.clone()).await?;
             Ok(Output::ok("OK\n"))
@@ -70,10 +85,79 @@ pub async fn execute(client: &Client, command: &Command, style: ByteStyle) -> Re
             Ok(Output::ok(format!("removed member {id}\n")))
         }
         Command::Leader {
-            command: LeaderCommand::Transfer { id },
+            command: LeaderCommand::Transfer { id, shard: None },
         } => {
             client.transfer_leader(*id).await?;
             Ok(Output::ok(format!("leader transfer to {id} accepted\n")))
         }
+        Command::Leader {
+            command: LeaderCommand::Transfer { id, shard: Some(shard) },
+        } => shard_leader_transfer(client, *shard, *id).await,
+        Command::Keyspace { command } => keyspace_command(client, command).await,
+        Command::Shard { command } => shard_command(client, cli.keyspace.as_deref(), command).await,
     }
+}
+
+async fn keyspace_command(client: &Client, command: &KeyspaceCommand) -> Result<Output, CliError> {
+    match command {
+        KeyspaceCommand::Create {
+            name,
+            sharding,
+            shards,
+            replicas,
+        } => {
+            // 0 on the wire asks for the server's default.
+            let created = client
+                .create_keyspace(name, (*sharding).into(), shards.unwrap_or(0), replicas.unwrap_or(0))
+                .await?;
+            Ok(Output::ok(keyspace_created_line(&created)))
+        }
+        KeyspaceCommand::List { output } => {
+            let keyspaces = client.list_keyspaces().await?;
+            Ok(Output::ok(match output {
+                OutputFormat::Table => keyspaces_table(&keyspaces),
+                OutputFormat::Json => keyspaces_json(&keyspaces),
+            }))
+        }
+        KeyspaceCommand::Describe { name, output } => {
+            let desc = client.describe_keyspace(name).await?;
+            Ok(Output::ok(match output {
+                OutputFormat::Table => keyspace_description_table(&desc),
+                OutputFormat::Json => keyspace_description_json(&desc),
+            }))
+        }
+        KeyspaceCommand::Drop { name } => {
+            client.drop_keyspace(name).await?;
+            Ok(Output::ok(format!("dropped keyspace {name}\n")))
+        }
+    }
+}
+
+async fn shard_command(client: &Client, keyspace: Option<&str>, command: &ShardCommand) -> Result<Output, CliError> {
+    match command {
+        ShardCommand::List { stats, output } => {
+            let shards = client.list_shards(keyspace, *stats).await?;
+            Ok(Output::ok(match output {
+                OutputFormat::Table => shards_table(&shards, *stats),
+                OutputFormat::Json => shards_json(&shards, *stats),
+            }))
+        }
+        ShardCommand::Split { id, at } => {
+            let at = at.as_deref().map(|at| Bytes::copy_from_slice(at.as_bytes()));
+            let split = client.split_shard(*id, at).await?;
+            Ok(Output::ok(shard_split_line(*id, &split)))
+        }
+        ShardCommand::Move { id, from, to } => {
+            let shard = client.move_shard(*id, *from, *to).await?;
+            Ok(Output::ok(shard_moved_line(*from, *to, &shard)))
+        }
+        ShardCommand::LeaderTransfer { id, to } => shard_leader_transfer(client, *id, *to).await,
+    }
+}
+
+async fn shard_leader_transfer(client: &Client, shard: u64, to: u64) -> Result<Output, CliError> {
+    client.transfer_shard_leader(shard, to).await?;
+    Ok(Output::ok(format!(
+        "leader transfer of shard {shard} to {to} accepted\n"
+    )))
 }

@@ -7,8 +7,10 @@
 
 use std::fmt::Write as _;
 
-use basalt_proto::v1::{ClusterStatusResponse, Member, Role};
+use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, Role, Shard};
 use serde::Serialize;
+
+use crate::client::{KeyspaceDescription, ShardSplit, Sharding};
 
 /// How keys and values are rendered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,20 +117,19 @@ pub fn cluster_status_json(status: &ClusterStatusResponse) -> String {
             .collect(),
         commit_index: status.commit_index,
     };
-    let mut line =
-        serde_json::to_string(&doc).expect("invariant: structs of integers, strings and bools always serialise");
-    line.push('\n');
-    line
+    json_line(&doc)
 }
 
 /// `cluster status -o table`: aligned columns, one member per row, sorted by id.
 pub fn cluster_status_table(status: &ClusterStatusResponse) -> String {
     let mut members: Vec<&Member> = status.members.iter().collect();
     members.sort_by_key(|m| m.id);
-    let header = ["ID", "ADDRESS", "ROLE", "TERM", "APPLIED", "VOTER"].map(String::from);
-    let rows: Vec<[String; 6]> = std::iter::once(header)
+    let header = ["ID", "ADDRESS", "ROLE", "TERM", "APPLIED", "VOTER"]
+        .map(String::from)
+        .to_vec();
+    let rows: Vec<Vec<String>> = std::iter::once(header)
         .chain(members.iter().map(|m| {
-            [
+            vec![
                 m.id.to_string(),
                 m.address.clone(),
                 role_name(m.role),
@@ -138,16 +139,22 @@ pub fn cluster_status_table(status: &ClusterStatusResponse) -> String {
             ]
         }))
         .collect();
-    let mut widths = [0usize; 6];
-    for row in &rows {
+    render_table(&rows)
+}
+
+/// Left-aligned columns two spaces apart, each as wide as its widest cell, no trailing blanks.
+fn render_table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0usize; columns];
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in &rows {
+    for row in rows {
         let mut line = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
             if i > 0 {
                 line.push_str("  ");
             }
@@ -160,9 +167,275 @@ pub fn cluster_status_table(status: &ClusterStatusResponse) -> String {
     out
 }
 
+/// One line of JSON and a newline.
+fn json_line(doc: &impl Serialize) -> String {
+    let mut line =
+        serde_json::to_string(doc).expect("invariant: structs of integers, strings and bools always serialise");
+    line.push('\n');
+    line
+}
+
+/// The name of a sharding as carried in `Keyspace::sharding`; unknown numbers (from a newer
+/// server) are shown rather than hidden.
+pub fn sharding_name(sharding: i32) -> String {
+    match Sharding::from_wire(sharding) {
+        Some(s) => s.as_str().into(),
+        None if sharding == 0 => "unspecified".into(),
+        None => format!("unknown({sharding})"),
+    }
+}
+
+/// A shard's bounds as `start..end`, in the server's display form (user keys for range shards,
+/// hash values for hash shards); an empty side is unbounded, as in Rust's `a..` and `..b`.
+pub fn shard_range(shard: &Shard) -> String {
+    format!("{}..{}", shard.start_display, shard.end_display)
+}
+
+/// Node ids joined by commas, in the order the server lists them.
+fn replica_ids(shard: &Shard) -> String {
+    shard
+        .replicas
+        .iter()
+        .map(|r| r.node_id.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Shards in keyspace order, and within a keyspace in key (or hash) order.
+fn sorted_shards(shards: &[Shard]) -> Vec<&Shard> {
+    let mut sorted: Vec<&Shard> = shards.iter().collect();
+    sorted.sort_by(|a, b| {
+        (a.keyspace_id, &a.keyspace, &a.start, a.id).cmp(&(b.keyspace_id, &b.keyspace, &b.start, b.id))
+    });
+    sorted
+}
+
+#[derive(Serialize)]
+struct KeyspaceJson<'a> {
+    name: &'a str,
+    id: u32,
+    sharding: String,
+    replicas: u32,
+    initial_shards: u32,
+}
+
+impl<'a> KeyspaceJson<'a> {
+    fn new(ks: &'a Keyspace) -> Self {
+        Self {
+            name: &ks.name,
+            id: ks.id,
+            sharding: sharding_name(ks.sharding),
+            replicas: ks.replicas,
+            initial_shards: ks.initial_shards,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ShardJson<'a> {
+    id: u64,
+    keyspace: &'a str,
+    keyspace_id: u32,
+    start: &'a str,
+    end: &'a str,
+    epoch: u64,
+    replicas: Vec<ReplicaJson<'a>>,
+    leader_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stats: Option<ShardStatsJson>,
+}
+
+#[derive(Serialize)]
+struct ReplicaJson<'a> {
+    node_id: u64,
+    address: &'a str,
+}
+
+#[derive(Serialize)]
+struct ShardStatsJson {
+    applied_index: u64,
+    approximate_bytes: u64,
+    approximate_keys: u64,
+}
+
+impl<'a> ShardJson<'a> {
+    fn new(shard: &'a Shard, with_stats: bool) -> Self {
+        Self {
+            id: shard.id,
+            keyspace: &shard.keyspace,
+            keyspace_id: shard.keyspace_id,
+            start: &shard.start_display,
+            end: &shard.end_display,
+            epoch: shard.epoch,
+            replicas: shard
+                .replicas
+                .iter()
+                .map(|r| ReplicaJson {
+                    node_id: r.node_id,
+                    address: &r.address,
+                })
+                .collect(),
+            leader_id: shard.leader_id,
+            stats: with_stats.then_some(ShardStatsJson {
+                applied_index: shard.applied_index,
+                approximate_bytes: shard.approximate_bytes,
+                approximate_keys: shard.approximate_keys,
+            }),
+        }
+    }
+}
+
+/// `keyspace list -o table`: one keyspace per row, sorted by name.
+pub fn keyspaces_table(keyspaces: &[Keyspace]) -> String {
+    let mut sorted: Vec<&Keyspace> = keyspaces.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let header = ["NAME", "ID", "SHARDING", "REPLICAS", "INITIAL_SHARDS"]
+        .map(String::from)
+        .to_vec();
+    let rows: Vec<Vec<String>> = std::iter::once(header)
+        .chain(sorted.iter().map(|ks| {
+            vec![
+                ks.name.clone(),
+                ks.id.to_string(),
+                sharding_name(ks.sharding),
+                ks.replicas.to_string(),
+                ks.initial_shards.to_string(),
+            ]
+        }))
+        .collect();
+    render_table(&rows)
+}
+
+/// `keyspace list -o json`: one line,
+/// `{"keyspaces":[{"name","id","sharding","replicas","initial_shards"}]}`, sorted by name.
+pub fn keyspaces_json(keyspaces: &[Keyspace]) -> String {
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        keyspaces: Vec<KeyspaceJson<'a>>,
+    }
+    let mut sorted: Vec<&Keyspace> = keyspaces.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    json_line(&Doc {
+        keyspaces: sorted.into_iter().map(KeyspaceJson::new).collect(),
+    })
+}
+
+/// `shard list -o table`: ID, KEYSPACE, RANGE, EPOCH, REPLICAS (node ids), LEADER (`-` when
+/// unknown), and with `--stats` APPLIED, BYTES and KEYS; sorted by keyspace, then range.
+pub fn shards_table(shards: &[Shard], with_stats: bool) -> String {
+    let mut header = ["ID", "KEYSPACE", "RANGE", "EPOCH", "REPLICAS", "LEADER"]
+        .map(String::from)
+        .to_vec();
+    if with_stats {
+        header.extend(["APPLIED", "BYTES", "KEYS"].map(String::from));
+    }
+    let rows: Vec<Vec<String>> = std::iter::once(header)
+        .chain(sorted_shards(shards).into_iter().map(|shard| {
+            let mut row = vec![
+                shard.id.to_string(),
+                shard.keyspace.clone(),
+                shard_range(shard),
+                shard.epoch.to_string(),
+                replica_ids(shard),
+                match shard.leader_id {
+                    0 => "-".to_owned(),
+                    id => id.to_string(),
+                },
+            ];
+            if with_stats {
+                row.extend([
+                    shard.applied_index.to_string(),
+                    shard.approximate_bytes.to_string(),
+                    shard.approximate_keys.to_string(),
+                ]);
+            }
+            row
+        }))
+        .collect();
+    render_table(&rows)
+}
+
+/// `shard list -o json`: one line, `{"shards":[{"id","keyspace","keyspace_id","start","end",
+/// "epoch","replicas":[{"node_id","address"}],"leader_id"}]}` where `start`/`end` are the display
+/// bounds (empty: unbounded); with `--stats` each shard also has
+/// `"stats":{"applied_index","approximate_bytes","approximate_keys"}`.
+pub fn shards_json(shards: &[Shard], with_stats: bool) -> String {
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        shards: Vec<ShardJson<'a>>,
+    }
+    json_line(&Doc {
+        shards: sorted_shards(shards)
+            .into_iter()
+            .map(|s| ShardJson::new(s, with_stats))
+            .collect(),
+    })
+}
+
+/// `keyspace describe -o table`: the keyspace as a one-row `keyspace list` table, a blank line,
+/// then its shards as in `shard list --stats`.
+pub fn keyspace_description_table(desc: &KeyspaceDescription) -> String {
+    format!(
+        "{}\n{}",
+        keyspaces_table(std::slice::from_ref(&desc.keyspace)),
+        shards_table(&desc.shards, true)
+    )
+}
+
+/// `keyspace describe -o json`: one line, `{"keyspace":{..as in keyspace list..},"shards":[..as
+/// in shard list --stats..]}`.
+pub fn keyspace_description_json(desc: &KeyspaceDescription) -> String {
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        keyspace: KeyspaceJson<'a>,
+        shards: Vec<ShardJson<'a>>,
+    }
+    json_line(&Doc {
+        keyspace: KeyspaceJson::new(&desc.keyspace),
+        shards: sorted_shards(&desc.shards)
+            .into_iter()
+            .map(|s| ShardJson::new(s, true))
+            .collect(),
+    })
+}
+
+/// `keyspace create`'s output line.
+pub fn keyspace_created_line(ks: &Keyspace) -> String {
+    format!(
+        "created keyspace {} (id {}, {} sharding, {} shards, {} replicas each)\n",
+        ks.name,
+        ks.id,
+        sharding_name(ks.sharding),
+        ks.initial_shards,
+        ks.replicas
+    )
+}
+
+/// `shard split`'s output line.
+pub fn shard_split_line(id: u64, split: &ShardSplit) -> String {
+    format!(
+        "split shard {id} into {} ({}) and {} ({})\n",
+        split.left.id,
+        shard_range(&split.left),
+        split.right.id,
+        shard_range(&split.right)
+    )
+}
+
+/// `shard move`'s output line.
+pub fn shard_moved_line(from: u64, to: u64, shard: &Shard) -> String {
+    format!(
+        "moved shard {} from node {from} to node {to}; replicas {} (epoch {})\n",
+        shard.id,
+        replica_ids(shard),
+        shard.epoch
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use basalt_proto::v1::Replica;
 
     fn status() -> ClusterStatusResponse {
         ClusterStatusResponse {
@@ -234,6 +507,161 @@ ID  ADDRESS                ROLE         TERM  APPLIED  VOTER
         assert_eq!(m["voter"], true);
         assert_eq!(v["members"][2]["role"], "unreachable");
         assert_eq!(v["members"].as_array().map(Vec::len), Some(3));
+    }
+
+    fn shard(id: u64, keyspace: &str, ks_id: u32, range: (&str, &str), leader_id: u64) -> Shard {
+        Shard {
+            id,
+            keyspace: keyspace.into(),
+            keyspace_id: ks_id,
+            start: range.0.as_bytes().to_vec().into(),
+            end: range.1.as_bytes().to_vec().into(),
+            epoch: id + 1,
+            replicas: [1u64, 2, 3]
+                .into_iter()
+                .map(|n| Replica {
+                    node_id: n,
+                    address: format!("10.0.0.{n}:7379"),
+                })
+                .collect(),
+            leader_id,
+            start_display: range.0.into(),
+            end_display: range.1.into(),
+            applied_index: 100 + id,
+            approximate_bytes: 4096,
+            approximate_keys: 12,
+        }
+    }
+
+    fn shards() -> Vec<Shard> {
+        vec![
+            shard(12, "orders", 2, ("m", ""), 2),
+            shard(3, "default", 1, ("", ""), 1),
+            shard(7, "orders", 2, ("", "m"), 0),
+        ]
+    }
+
+    fn keyspace(name: &str, id: u32, sharding: Sharding) -> Keyspace {
+        Keyspace {
+            name: name.into(),
+            id,
+            sharding: sharding.to_wire(),
+            replicas: 3,
+            initial_shards: if sharding == Sharding::Hash { 16 } else { 1 },
+        }
+    }
+
+    #[test]
+    fn shard_table_sorts_by_keyspace_then_range() {
+        let expected = "\
+ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER
+3   default   ..     4      1,2,3     1
+7   orders    ..m    8      1,2,3     -
+12  orders    m..    13     1,2,3     2
+";
+        assert_eq!(shards_table(&shards(), false), expected);
+        let expected = "\
+ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  APPLIED  BYTES  KEYS
+3   default   ..     4      1,2,3     1       103      4096   12
+7   orders    ..m    8      1,2,3     -       107      4096   12
+12  orders    m..    13     1,2,3     2       112      4096   12
+";
+        assert_eq!(shards_table(&shards(), true), expected);
+        assert_eq!(
+            shards_table(&[], false),
+            "ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER\n"
+        );
+    }
+
+    #[test]
+    fn shard_json_has_the_documented_shape() {
+        let line = shards_json(&shards(), false);
+        assert!(line.ends_with('\n') && !line.trim_end().contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).expect("output is JSON");
+        let ids: Vec<u64> = v["shards"]
+            .as_array()
+            .expect("an array")
+            .iter()
+            .map(|s| s["id"].as_u64().expect("an id"))
+            .collect();
+        assert_eq!(ids, [3, 7, 12]);
+        let s = &v["shards"][2];
+        assert_eq!(s["keyspace"], "orders");
+        assert_eq!(s["keyspace_id"], 2);
+        assert_eq!(s["start"], "m");
+        assert_eq!(s["end"], "");
+        assert_eq!(s["epoch"], 13);
+        assert_eq!(s["leader_id"], 2);
+        assert_eq!(s["replicas"][1]["node_id"], 2);
+        assert_eq!(s["replicas"][1]["address"], "10.0.0.2:7379");
+        assert!(s.get("stats").is_none(), "{s}");
+
+        let v: serde_json::Value = serde_json::from_str(&shards_json(&shards(), true)).expect("output is JSON");
+        let stats = &v["shards"][0]["stats"];
+        assert_eq!(stats["applied_index"], 103);
+        assert_eq!(stats["approximate_bytes"], 4096);
+        assert_eq!(stats["approximate_keys"], 12);
+    }
+
+    #[test]
+    fn keyspace_list_formats() {
+        let list = [
+            keyspace("orders", 2, Sharding::Hash),
+            keyspace("default", 1, Sharding::Range),
+        ];
+        let expected = "\
+NAME     ID  SHARDING  REPLICAS  INITIAL_SHARDS
+default  1   range     3         1
+orders   2   hash      3         16
+";
+        assert_eq!(keyspaces_table(&list), expected);
+        let v: serde_json::Value = serde_json::from_str(&keyspaces_json(&list)).expect("output is JSON");
+        assert_eq!(v["keyspaces"][0]["name"], "default");
+        assert_eq!(v["keyspaces"][1]["name"], "orders");
+        assert_eq!(v["keyspaces"][1]["id"], 2);
+        assert_eq!(v["keyspaces"][1]["sharding"], "hash");
+        assert_eq!(v["keyspaces"][1]["replicas"], 3);
+        assert_eq!(v["keyspaces"][1]["initial_shards"], 16);
+    }
+
+    #[test]
+    fn keyspace_description_formats() {
+        let desc = KeyspaceDescription {
+            keyspace: keyspace("orders", 2, Sharding::Range),
+            shards: shards().into_iter().filter(|s| s.keyspace == "orders").collect(),
+        };
+        let expected = "\
+NAME    ID  SHARDING  REPLICAS  INITIAL_SHARDS
+orders  2   range     3         1
+
+ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  APPLIED  BYTES  KEYS
+7   orders    ..m    8      1,2,3     -       107      4096   12
+12  orders    m..    13     1,2,3     2       112      4096   12
+";
+        assert_eq!(keyspace_description_table(&desc), expected);
+        let v: serde_json::Value = serde_json::from_str(&keyspace_description_json(&desc)).expect("output is JSON");
+        assert_eq!(v["keyspace"]["name"], "orders");
+        assert_eq!(v["shards"][0]["id"], 7);
+        assert_eq!(v["shards"][1]["stats"]["applied_index"], 112);
+    }
+
+    #[test]
+    fn admin_lines() {
+        assert_eq!(
+            keyspace_created_line(&keyspace("orders", 2, Sharding::Hash)),
+            "created keyspace orders (id 2, hash sharding, 16 shards, 3 replicas each)\n"
+        );
+        let split = ShardSplit {
+            left: shard(7, "orders", 2, ("", "m"), 1),
+            right: shard(12, "orders", 2, ("m", ""), 1),
+        };
+        assert_eq!(shard_split_line(7, &split), "split shard 7 into 7 (..m) and 12 (m..)\n");
+        assert_eq!(
+            shard_moved_line(4, 3, &shard(7, "orders", 2, ("", "m"), 1)),
+            "moved shard 7 from node 4 to node 3; replicas 1,2,3 (epoch 8)\n"
+        );
+        assert_eq!(sharding_name(0), "unspecified");
+        assert_eq!(sharding_name(9), "unknown(9)");
     }
 
     #[test]

@@ -26,7 +26,6 @@ use clap::Parser;
 
 use crate::cli::args::Cli;
 use crate::cli::exit::{error_line, usage_error_line, CliError, Output, EXIT_USAGE};
-use crate::cli::format::ByteStyle;
 use crate::client::Client;
 use crate::config::ClientConfig;
 
@@ -43,7 +42,7 @@ pub fn client_config(cli: &Cli) -> ClientConfig {
 /// Connects and runs the parsed command line.
 pub async fn run(cli: &Cli) -> Result<Output, CliError> {
     let client = Client::connect(client_config(cli)).await?;
-    commands::execute(&client, &cli.command, ByteStyle::from_hex_flag(cli.hex)).await
+    commands::execute(&client, cli).await
 }
 
 /// The whole of `basaltctl`: parse, run, print, exit.

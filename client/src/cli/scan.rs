@@ -1,17 +1,20 @@
 //! `basaltctl scan`: key ranges from the command line, and paging through them.
 //!
-//! The server returns at most its maximum page per call, so the command pages: each next page
-//! starts at the successor of the last key returned (that key followed by a zero byte, the
-//! smallest key greater than it), which neither skips nor repeats a key. Paging stops when the
-//! server says there is no more, or when `--limit` pairs have been printed. A page that claims
-//! "more" but carries no pairs would make paging loop forever, so it is reported as a protocol
-//! violation instead.
+//! The library returns at most one server page per call when no limit is given, so the command
+//! pages: each next call continues from the previous page's cursor with the same range, which
+//! neither skips nor repeats a key in either kind of keyspace (restarting after the last key
+//! would be wrong in a hash-sharded one, whose pages are in hash order). Only a server that
+//! predates cursors is continued at the successor of the last key (that key followed by a zero
+//! byte, the smallest key greater than it); it holds a single range-ordered keyspace, where that
+//! is the same thing. Paging stops when the server says there is no more, or when `--limit` pairs
+//! have been printed. A page that claims "more" but has neither pairs nor a cursor would make
+//! paging loop forever, so it is reported as a protocol violation instead.
 
 use bytes::Bytes;
 
 use crate::cli::args::ScanArgs;
 use crate::cli::exit::CliError;
-use crate::client::Client;
+use crate::client::{key_successor, Client};
 
 /// A half-open key range `[start, end)`; `end: None` is unbounded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,31 +56,21 @@ pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
     Some(end)
 }
 
-/// The smallest key greater than `key`.
-fn key_successor(key: &[u8]) -> Bytes {
-    let mut next = Vec::with_capacity(key.len() + 1);
-    next.extend_from_slice(key);
-    next.push(0);
-    next.into()
-}
-
-/// Every pair in `range`, at most `limit` of them (`None` = all), in key order.
+/// Every pair in `range`, at most `limit` of them (`None` = all), in the keyspace's order.
 pub async fn collect(client: &Client, range: KeyRange, limit: Option<u32>) -> Result<Vec<(Bytes, Bytes)>, CliError> {
     let mut out: Vec<(Bytes, Bytes)> = Vec::new();
     let mut start = range.start;
+    let mut cursor: Option<Bytes> = None;
     loop {
         let page_limit = match limit {
             // Positive and at most `limit`: the loop stops once `limit` pairs are collected.
             Some(limit) => u32::try_from(limit as usize - out.len()).unwrap_or(limit),
             None => 0,
         };
-        let page = client.scan(start, range.end.clone(), page_limit).await?;
-        if page.more && page.kvs.is_empty() {
-            return Err(CliError::Protocol(
-                "scan page is empty but claims more pairs follow".into(),
-            ));
-        }
-        let next = page.kvs.last().map(|(k, _)| key_successor(k));
+        let page = client
+            .scan_from_cursor(start.clone(), range.end.clone(), page_limit, cursor.take())
+            .await?;
+        let last = page.kvs.last().map(|(k, _)| k.clone());
         out.extend(page.kvs);
         if let Some(limit) = limit {
             out.truncate(limit as usize);
@@ -85,9 +78,17 @@ pub async fn collect(client: &Client, range: KeyRange, limit: Option<u32>) -> Re
                 break;
             }
         }
-        match next {
-            Some(next) if page.more => start = next,
-            _ => break,
+        if !page.more {
+            break;
+        }
+        match (page.cursor, last) {
+            (Some(next), _) => cursor = Some(next),
+            (None, Some(last)) => start = key_successor(&last),
+            (None, None) => {
+                return Err(CliError::Protocol(
+                    "scan page is empty and has no cursor but claims more pairs follow".into(),
+                ))
+            }
         }
     }
     Ok(out)

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use basalt_storage::{Engine, GroupCommitWriter, KvStateMachine, RaftLog, WriteRequest, WriteResponse};
+use basalt_storage::{Engine, GroupCommitWriter, KvStateMachine, RaftLog, ShardState, WriteRequest, WriteResponse};
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
@@ -43,11 +43,19 @@ use crate::{
 /// sets it to `election_timeout_max`) is still running, so the first candidate may be turned away
 /// once. With 300–600 ms that is about one second, well inside the 3 seconds clients are
 /// promised, while 6 missed heartbeats are needed before a healthy leader is challenged.
-#[derive(Debug, Clone)]
+/// Called when this replica applies a split that created `group`, serving the shard given:
+/// the node opens the new group's replica. Runs on the apply path, so it must only hand the work
+/// off (spawn), never block on it.
+pub type SplitHook = Arc<dyn Fn(u64, ShardState) + Send + Sync>;
+
+#[derive(Clone)]
 pub struct RaftGroupConfig {
     pub node_id: u64,
     pub group_id: u64,
-    pub keyspace: u32,
+    /// The shard a replica serves before it has applied anything (a new group's initial range,
+    /// or the catalog's view for a replica being added); afterwards its applied state decides.
+    pub shard: ShardState,
+    pub on_split: Option<SplitHook>,
     pub snapshot_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub election_timeout_min: Duration,
@@ -61,12 +69,24 @@ pub struct RaftGroupConfig {
     pub request_timeout: Duration,
 }
 
+impl std::fmt::Debug for RaftGroupConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftGroupConfig")
+            .field("node_id", &self.node_id)
+            .field("group_id", &self.group_id)
+            .field("shard", &self.shard)
+            .field("snapshot_dir", &self.snapshot_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RaftGroupConfig {
-    pub fn new(node_id: u64, group_id: u64, keyspace: u32, snapshot_dir: PathBuf) -> Self {
+    pub fn new(node_id: u64, group_id: u64, shard: ShardState, snapshot_dir: PathBuf) -> Self {
         Self {
             node_id,
             group_id,
-            keyspace,
+            shard,
+            on_split: None,
             snapshot_dir,
             heartbeat_interval: Duration::from_millis(50),
             election_timeout_min: Duration::from_millis(300),
@@ -121,8 +141,8 @@ impl RaftGroup {
         metrics: ConsensusMetrics,
     ) -> Result<Arc<Self>, ReplicationError> {
         let health = Arc::new(GroupHealth::default());
-        let sm =
-            KvStateMachine::open(engine.clone(), cfg.group_id, cfg.keyspace).map_err(|e| health_err(&health, e))?;
+        let sm = KvStateMachine::open(engine.clone(), cfg.group_id, cfg.shard.clone())
+            .map_err(|e| health_err(&health, e))?;
         let sm = Arc::new(RwLock::new(sm));
         let snapshots = SnapshotDir::new(cfg.snapshot_dir.clone())
             .map_err(|e| ReplicationError::Stopped(format!("snapshot dir {}: {e}", cfg.snapshot_dir.display())))?;
@@ -130,10 +150,10 @@ impl RaftGroup {
             sm.clone(),
             engine.clone(),
             cfg.group_id,
-            cfg.keyspace,
             snapshots.clone(),
             metrics.clone(),
             health.clone(),
+            cfg.on_split.clone(),
         )
         .map_err(|e| ReplicationError::Stopped(format!("state machine: {e}")))?;
         let log = LogStore::new(RaftLog::new(engine, writer, cfg.group_id), health.clone());

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use basalt_storage::{ApplyEntry, Engine, KvStateMachine, SnapshotInfo, StorageError};
+use basalt_storage::{ApplyEntry, Command, Engine, KvStateMachine, SnapshotInfo, StorageError, WriteResponse};
 use futures::TryStreamExt;
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
@@ -26,6 +26,7 @@ use parking_lot::RwLock;
 
 use super::types::{LogId, Snapshot, SnapshotFile, SnapshotMeta, StoredMembership, TypeConfig};
 use super::wire;
+use super::SplitHook;
 use crate::{ConsensusMetrics, GroupHealth};
 
 /// What the state machine stores as its opaque "applied meta": openraft's view of the position.
@@ -40,6 +41,10 @@ fn decode_applied(blob: Option<&[u8]>) -> io::Result<AppliedMeta> {
         Some(b) => wire::decode("applied meta", b).map_err(wire::to_io),
         None => Ok(AppliedMeta::default()),
     }
+}
+
+fn is_split(entry: &super::types::Entry) -> bool {
+    matches!(&entry.payload, EntryPayload::Normal(req) if matches!(req.command, Command::Split { .. }))
 }
 
 fn io_err(e: StorageError) -> io::Error {
@@ -118,11 +123,11 @@ pub struct StateMachineStore {
     sm: Arc<RwLock<KvStateMachine>>,
     engine: Arc<dyn Engine>,
     group: u64,
-    keyspace: u32,
     applied: AppliedMeta,
     snapshots: SnapshotDir,
     metrics: ConsensusMetrics,
     health: Arc<GroupHealth>,
+    on_split: Option<SplitHook>,
 }
 
 impl StateMachineStore {
@@ -130,22 +135,90 @@ impl StateMachineStore {
         sm: Arc<RwLock<KvStateMachine>>,
         engine: Arc<dyn Engine>,
         group: u64,
-        keyspace: u32,
         snapshots: SnapshotDir,
         metrics: ConsensusMetrics,
         health: Arc<GroupHealth>,
+        on_split: Option<SplitHook>,
     ) -> io::Result<Self> {
         let applied = decode_applied(sm.read().applied_meta())?;
         Ok(Self {
             sm,
             engine,
             group,
-            keyspace,
             applied,
             snapshots,
             metrics,
             health,
+            on_split,
         })
+    }
+
+    /// The applied meta a group born from a split starts with: it has "applied" log index 0,
+    /// with the same log id on every replica (term 0, node 0, as openraft's own first entry),
+    /// and the parent's membership. openraft, opening such a group, sees an applied state ahead
+    /// of an empty log, purges the log up to it and builds a snapshot of it, so a replica added
+    /// later can only be brought up by that snapshot, never by replaying from an empty state.
+    fn born_meta(membership: &StoredMembership) -> io::Result<Vec<u8>> {
+        use openraft::vote::RaftLeaderId;
+        let leader = openraft::alias::LeaderIdOf::<TypeConfig>::new(0, 0);
+        let first = LogId::new(leader.to_committed(), 0);
+        let born = AppliedMeta {
+            last_applied: Some(first),
+            membership: StoredMembership::new(Some(first), membership.membership().clone()),
+        };
+        wire::encode("applied meta", &born).map_err(wire::to_io)
+    }
+
+    /// Applies a run of entries with no split among them as one atomic engine write.
+    fn apply_run(&mut self, run: &[EntryResponder<TypeConfig>]) -> io::Result<Vec<WriteResponse>> {
+        let Some((last, _)) = run.last() else {
+            return Ok(Vec::new());
+        };
+        let mut next = self.applied.clone();
+        next.last_applied = Some(last.log_id());
+        for (entry, _) in run {
+            if let EntryPayload::Membership(m) = &entry.payload {
+                next.membership = StoredMembership::new(Some(entry.log_id()), m.clone());
+            }
+        }
+        let blob = wire::encode("applied meta", &next).map_err(wire::to_io)?;
+        let apply_entries: Vec<ApplyEntry<'_>> = run
+            .iter()
+            .map(|(entry, _)| ApplyEntry {
+                index: entry.index(),
+                request: match &entry.payload {
+                    EntryPayload::Normal(req) => Some(req),
+                    _ => None,
+                },
+            })
+            .collect();
+        let responses = {
+            let mut sm = self.sm.write();
+            sm.apply(&apply_entries, last.index(), blob)
+        }
+        .map_err(|e| self.stop_on_corruption(e))?;
+        self.applied = next;
+        Ok(responses)
+    }
+
+    /// Applies one split entry on its own. The new group is born with this group's current
+    /// membership: every replica of this group applies the entry at the same point of the log,
+    /// so every one of them creates the new group with the same members.
+    fn apply_split(&mut self, entry: &super::types::Entry) -> io::Result<WriteResponse> {
+        let EntryPayload::Normal(req) = &entry.payload else {
+            unreachable!("is_split() only matches normal entries");
+        };
+        let mut next = self.applied.clone();
+        next.last_applied = Some(entry.log_id());
+        let blob = wire::encode("applied meta", &next).map_err(wire::to_io)?;
+        let born = Self::born_meta(&self.applied.membership)?;
+        let response = {
+            let mut sm = self.sm.write();
+            sm.apply_split(entry.index(), req, blob, born)
+        }
+        .map_err(|e| self.stop_on_corruption(e))?;
+        self.applied = next;
+        Ok(response)
     }
 
     fn stop_on_corruption(&self, e: StorageError) -> io::Error {
@@ -159,7 +232,6 @@ impl StateMachineStore {
 pub struct SnapshotBuilder {
     engine: Arc<dyn Engine>,
     group: u64,
-    keyspace: u32,
     snapshots: SnapshotDir,
     metrics: ConsensusMetrics,
 }
@@ -169,13 +241,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let engine = self.engine.clone();
-        let (group, keyspace) = (self.group, self.keyspace);
+        let group = self.group;
         let tmp = self.snapshots.temp_path("build");
         let tmp2 = tmp.clone();
-        let info =
-            super::blocking::run(move || basalt_storage::build_snapshot(engine.as_ref(), group, keyspace, &tmp2))
-                .await?
-                .map_err(io_err)?;
+        let info = super::blocking::run(move || basalt_storage::build_snapshot(engine.as_ref(), group, &tmp2))
+            .await?
+            .map_err(io_err)?;
         let meta = snapshot_meta(&info)?;
         let path = self.snapshots.promote(&tmp, info.applied_index)?;
         self.metrics.snapshot_event("built");
@@ -199,43 +270,45 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     where
         Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
-        // Collect the whole run first so it becomes one atomic engine write.
+        // Collect the whole run first so it becomes one atomic engine write (a split, which
+        // creates a group, is written on its own: see `apply_split`).
         let mut batch = Vec::new();
         while let Some(item) = entries.try_next().await? {
             batch.push(item);
         }
-        let Some((last, _)) = batch.last() else {
-            return Ok(());
-        };
-        let mut next = self.applied.clone();
-        next.last_applied = Some(last.log_id());
-        for (entry, _) in &batch {
-            if let EntryPayload::Membership(m) = &entry.payload {
-                next.membership = StoredMembership::new(Some(entry.log_id()), m.clone());
-            }
+        let mut rest = batch.as_slice();
+        let mut responses = Vec::with_capacity(batch.len());
+        let mut born = Vec::new();
+        while !rest.is_empty() {
+            let split_at = rest.iter().position(|(e, _)| is_split(e));
+            let run = match split_at {
+                Some(0) => {
+                    let (entry, _) = &rest[0];
+                    let response = self.apply_split(entry)?;
+                    if let (WriteResponse::Split { right, .. }, EntryPayload::Normal(req)) = (&response, &entry.payload)
+                    {
+                        if let Command::Split { new_group, .. } = &req.command {
+                            born.push((*new_group, right.clone()));
+                        }
+                    }
+                    responses.push(response);
+                    rest = &rest[1..];
+                    continue;
+                }
+                Some(n) => &rest[..n],
+                None => rest,
+            };
+            responses.extend(self.apply_run(run)?);
+            rest = &rest[run.len()..];
         }
-        let blob = wire::encode("applied meta", &next).map_err(wire::to_io)?;
-        let applied_index = last.index();
-        let apply_entries: Vec<ApplyEntry<'_>> = batch
-            .iter()
-            .map(|(entry, _)| ApplyEntry {
-                index: entry.index(),
-                request: match &entry.payload {
-                    EntryPayload::Normal(req) => Some(req),
-                    _ => None,
-                },
-            })
-            .collect();
-        let responses = {
-            let mut sm = self.sm.write();
-            sm.apply(&apply_entries, applied_index, blob)
-        }
-        .map_err(|e| self.stop_on_corruption(e))?;
-        drop(apply_entries);
-        self.applied = next;
         for ((_, responder), resp) in batch.into_iter().zip(responses) {
             if let Some(r) = responder {
                 r.send(resp);
+            }
+        }
+        if let Some(hook) = &self.on_split {
+            for (group, shard) in born {
+                hook(group, shard);
             }
         }
         Ok(())
@@ -245,7 +318,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         SnapshotBuilder {
             engine: self.engine.clone(),
             group: self.group,
-            keyspace: self.keyspace,
             snapshots: self.snapshots.clone(),
             metrics: self.metrics.clone(),
         }

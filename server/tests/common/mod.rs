@@ -238,3 +238,26 @@ pub async fn applied_index(cluster: &LocalCluster, id: u64) -> u64 {
         .header
         .map_or(0, |h| h.applied_index)
 }
+
+/// The applied index of node `id`'s own replica of `shard`, as its shard listing reports it.
+pub async fn shard_applied(cluster: &LocalCluster, id: u64, shard: u64) -> Option<u64> {
+    let c = client_of(cluster.endpoint(id).ok()?).await;
+    let shards = c.list_shards(Some("default"), true).await.ok()?;
+    shards.into_iter().find(|s| s.id == shard).map(|s| s.applied_index)
+}
+
+/// Waits until node `id`'s replica of `shard` has applied at least `index`.
+pub async fn wait_shard_applied(cluster: &LocalCluster, id: u64, shard: u64, index: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = shard_applied(cluster, id, shard).await.unwrap_or(0);
+        if last >= index {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} applied only {last} of {index} of shard {shard} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

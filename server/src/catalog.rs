@@ -1,0 +1,378 @@
+//! The cluster catalog: keyspaces and shard descriptors, stored in the meta group.
+//!
+//! The meta group (group [`META_GROUP`]) is an ordinary replica group whose shard is the whole
+//! system keyspace; every member of the cluster holds a replica of it. The catalog is a handful
+//! of keys in it:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `ks/<name>` | a [`KeyspaceDesc`] |
+//! | `shard/<id BE>` | a [`ShardDesc`] |
+//! | `seq/keyspace`, `seq/group` | the last id handed out (u32 / u64, BE) |
+//!
+//! Invariants and why:
+//! - **Writes are transactions on the meta leader** ([`CatalogTxn`]): each compares the keys it
+//!   read and writes all its changes in one `Txn` entry, so two concurrent changes (two splits, a
+//!   split and a drop) cannot both apply on a stale view; the loser re-reads and retries.
+//! - **Every node reads its own meta replica** ([`Catalog::load`]). Its view may lag but never
+//!   goes back (a replica's applied index only grows), which is what the per-node reconciler
+//!   needs: it acts on monotonic knowledge. Clients get routes from it and the data groups
+//!   check every request against their own, authoritative, shard state.
+//! - **Ids are never reused**: groups and keyspaces are numbered from counters that only grow,
+//!   so a descriptor, a stale route or a leftover replica can never be mistaken for a newer one.
+
+use std::collections::BTreeMap;
+
+use basalt_consensus::StateReader;
+use basalt_proto::keycodec::{self, DEFAULT_KEYSPACE, DEFAULT_KEYSPACE_NAME, SYSTEM_KEYSPACE};
+use basalt_proto::v1::{Keyspace as PbKeyspace, Replica, Shard as PbShard, Sharding};
+use basalt_storage::{Command, Compare, ShardState, TxnOp, WriteRequest, MAX_SCAN_LIMIT};
+use serde::{Deserialize, Serialize};
+
+/// The meta group's id. Data groups are numbered after it.
+pub const META_GROUP: u64 = 1;
+
+/// The meta group's shard: the whole system keyspace.
+pub fn meta_shard() -> ShardState {
+    ShardState::whole_keyspace(SYSTEM_KEYSPACE, false)
+}
+
+const KS_PREFIX: &[u8] = b"ks/";
+const SHARD_PREFIX: &[u8] = b"shard/";
+const SEQ_KEYSPACE: &[u8] = b"seq/keyspace";
+const SEQ_GROUP: &[u8] = b"seq/group";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog record {key:?} does not decode: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("reading the catalog: {0}")]
+    Read(#[from] basalt_consensus::ReplicationError),
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct KeyspaceDesc {
+    pub name: String,
+    pub id: u32,
+    pub hashed: bool,
+    pub replicas: u32,
+    pub initial_shards: u32,
+}
+
+impl KeyspaceDesc {
+    pub fn to_pb(&self) -> PbKeyspace {
+        PbKeyspace {
+            name: self.name.clone(),
+            id: self.id,
+            sharding: if self.hashed { Sharding::Hash } else { Sharding::Range } as i32,
+            replicas: self.replicas,
+            initial_shards: self.initial_shards,
+        }
+    }
+
+    /// The stored key of `user_key` in this keyspace.
+    pub fn encode(&self, user_key: &[u8]) -> Vec<u8> {
+        keycodec::encode_key(self.id, self.hashed, user_key)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ShardDesc {
+    pub id: u64,
+    pub keyspace: u32,
+    pub hashed: bool,
+    #[serde(with = "serde_bytes")]
+    pub start: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub end: Vec<u8>,
+    pub epoch: u64,
+    pub replicas: Vec<u64>,
+    /// Created with its keyspace: its first replicas form the group from nothing (each calls
+    /// `initialize` with `replicas`). Shards born from a split are not: they start from their
+    /// parent's data on the parent's replicas.
+    pub bootstrap: bool,
+}
+
+impl ShardDesc {
+    pub fn state(&self) -> ShardState {
+        ShardState {
+            keyspace: self.keyspace,
+            hashed: self.hashed,
+            start: self.start.clone(),
+            end: self.end.clone(),
+            epoch: self.epoch,
+        }
+    }
+
+    pub fn contains(&self, stored_key: &[u8]) -> bool {
+        self.start.as_slice() <= stored_key && stored_key < self.end.as_slice()
+    }
+
+    /// The descriptor in the public form, with member addresses from `addrs`.
+    pub fn to_pb(&self, keyspace: &str, addrs: &BTreeMap<u64, String>, leader_id: u64) -> PbShard {
+        PbShard {
+            id: self.id,
+            keyspace: keyspace.to_string(),
+            keyspace_id: self.keyspace,
+            start: self.start.clone().into(),
+            end: self.end.clone().into(),
+            epoch: self.epoch,
+            replicas: self
+                .replicas
+                .iter()
+                .map(|id| Replica {
+                    node_id: *id,
+                    address: addrs.get(id).cloned().unwrap_or_default(),
+                })
+                .collect(),
+            leader_id,
+            start_display: keycodec::display_bound(self.keyspace, self.hashed, &self.start),
+            end_display: keycodec::display_bound(self.keyspace, self.hashed, &self.end),
+            applied_index: 0,
+            approximate_bytes: 0,
+            approximate_keys: 0,
+        }
+    }
+}
+
+fn shard_key(id: u64) -> Vec<u8> {
+    let mut k = SHARD_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn ks_key(name: &str) -> Vec<u8> {
+    let mut k = KS_PREFIX.to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("catalog records are plain structs of integers, strings and byte vectors")
+}
+
+/// One consistent view of the catalog, as of `applied_index` of the local meta replica.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub applied_index: u64,
+    pub keyspaces: BTreeMap<String, KeyspaceDesc>,
+    /// By id.
+    pub shards: BTreeMap<u64, ShardDesc>,
+    pub last_keyspace_id: u32,
+    pub last_group_id: u64,
+    /// The raw records read, for the compare half of a transaction.
+    raw: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Catalog {
+    /// Reads the catalog from the local meta replica (no barrier: see the module docs).
+    pub fn load(reader: &StateReader) -> Result<Catalog, CatalogError> {
+        let applied_index = reader.applied_index();
+        let mut raw = BTreeMap::new();
+        let mut start = Vec::new();
+        loop {
+            let (kvs, more) = reader.scan(&start, None, MAX_SCAN_LIMIT)?;
+            if let Some((last, _)) = kvs.last() {
+                start = last.clone();
+                start.push(0);
+            }
+            raw.extend(kvs);
+            if !more {
+                break;
+            }
+        }
+        let mut c = Catalog {
+            applied_index,
+            ..Default::default()
+        };
+        for (k, v) in &raw {
+            let corrupt = |reason: String| CatalogError::Corrupt {
+                key: String::from_utf8_lossy(k).into_owned(),
+                reason,
+            };
+            if k.starts_with(KS_PREFIX) {
+                let d: KeyspaceDesc = postcard::from_bytes(v).map_err(|e| corrupt(e.to_string()))?;
+                c.keyspaces.insert(d.name.clone(), d);
+            } else if k.starts_with(SHARD_PREFIX) {
+                let d: ShardDesc = postcard::from_bytes(v).map_err(|e| corrupt(e.to_string()))?;
+                c.shards.insert(d.id, d);
+            } else if k == SEQ_KEYSPACE {
+                c.last_keyspace_id =
+                    u32::from_be_bytes(v.as_slice().try_into().map_err(|_| corrupt("not 4 bytes".into()))?);
+            } else if k == SEQ_GROUP {
+                c.last_group_id =
+                    u64::from_be_bytes(v.as_slice().try_into().map_err(|_| corrupt("not 8 bytes".into()))?);
+            }
+        }
+        c.raw = raw;
+        Ok(c)
+    }
+
+    pub fn keyspace(&self, name: &str) -> Option<&KeyspaceDesc> {
+        self.keyspaces.get(name)
+    }
+
+    pub fn keyspace_by_id(&self, id: u32) -> Option<&KeyspaceDesc> {
+        self.keyspaces.values().find(|k| k.id == id)
+    }
+
+    /// The shards of keyspace `id` in key order.
+    pub fn shards_of(&self, id: u32) -> Vec<&ShardDesc> {
+        let mut v: Vec<&ShardDesc> = self.shards.values().filter(|s| s.keyspace == id).collect();
+        v.sort_by(|a, b| a.start.cmp(&b.start));
+        v
+    }
+
+    /// The shard holding stored key `key`, if the catalog knows one.
+    pub fn shard_for(&self, keyspace: u32, key: &[u8]) -> Option<&ShardDesc> {
+        self.shards.values().find(|s| s.keyspace == keyspace && s.contains(key))
+    }
+
+    /// Whether a keyspace with this id existed and was dropped (ids are never reused).
+    pub fn dropped(&self, keyspace: u32) -> bool {
+        keyspace != SYSTEM_KEYSPACE && keyspace <= self.last_keyspace_id && self.keyspace_by_id(keyspace).is_none()
+    }
+
+    /// Starts a transaction over this view.
+    pub fn txn(&self) -> CatalogTxn<'_> {
+        CatalogTxn {
+            base: self,
+            compares: BTreeMap::new(),
+            ops: Vec::new(),
+            next_group: self.last_group_id,
+            next_keyspace: self.last_keyspace_id,
+        }
+    }
+}
+
+/// A change to the catalog built on one view: it applies only if every key it read or wrote is
+/// still as in that view.
+pub struct CatalogTxn<'a> {
+    base: &'a Catalog,
+    compares: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    ops: Vec<TxnOp>,
+    next_group: u64,
+    next_keyspace: u32,
+}
+
+impl CatalogTxn<'_> {
+    fn guard(&mut self, key: &[u8]) {
+        let current = self.base.raw.get(key).cloned();
+        self.compares.entry(key.to_vec()).or_insert(current);
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.guard(&key);
+        self.ops.push(TxnOp::Put { key, value });
+    }
+
+    pub fn new_group_id(&mut self) -> u64 {
+        // The meta group is 1, so data groups start at 2 even on an empty catalog.
+        self.next_group = self.next_group.max(META_GROUP) + 1;
+        let id = self.next_group;
+        self.put(SEQ_GROUP.to_vec(), id.to_be_bytes().to_vec());
+        id
+    }
+
+    pub fn new_keyspace_id(&mut self) -> u32 {
+        // Keyspace 0 is the system keyspace and never allocated; 1 is the default one, created
+        // first; user keyspaces follow it.
+        self.next_keyspace += 1;
+        let id = self.next_keyspace;
+        self.put(SEQ_KEYSPACE.to_vec(), id.to_be_bytes().to_vec());
+        id
+    }
+
+    pub fn put_keyspace(&mut self, d: &KeyspaceDesc) {
+        self.put(ks_key(&d.name), encode(d));
+    }
+
+    pub fn put_shard(&mut self, d: &ShardDesc) {
+        self.put(shard_key(d.id), encode(d));
+    }
+
+    pub fn delete_keyspace(&mut self, name: &str) {
+        let k = ks_key(name);
+        self.guard(&k);
+        self.ops.push(TxnOp::Delete { key: k });
+    }
+
+    pub fn delete_shard(&mut self, id: u64) {
+        let k = shard_key(id);
+        self.guard(&k);
+        self.ops.push(TxnOp::Delete { key: k });
+    }
+
+    /// The write to propose to the meta group.
+    pub fn into_request(self) -> WriteRequest {
+        WriteRequest {
+            session: None,
+            command: Command::Txn {
+                compares: self
+                    .compares
+                    .into_iter()
+                    .map(|(key, expected)| Compare { key, expected })
+                    .collect(),
+                ops: self.ops,
+            },
+        }
+    }
+}
+
+/// The shards of a new keyspace: `n` equal hash ranges, or one range shard (a range keyspace
+/// grows by splitting, since nothing is known yet of its keys' distribution).
+pub fn initial_ranges(keyspace: u32, hashed: bool, n: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
+    if hashed {
+        let b = keycodec::hash_shard_bounds(keyspace, n);
+        b.windows(2).map(|w| (w[0].clone(), w[1].clone())).collect()
+    } else {
+        vec![keycodec::keyspace_range(keyspace)]
+    }
+}
+
+/// The descriptor of the default keyspace every cluster has.
+pub fn default_keyspace(replicas: u32) -> KeyspaceDesc {
+    KeyspaceDesc {
+        name: DEFAULT_KEYSPACE_NAME.to_string(),
+        id: DEFAULT_KEYSPACE,
+        hashed: false,
+        replicas,
+        initial_shards: 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_txn_compares_every_key_it_writes_against_its_view() {
+        let cat = Catalog::default();
+        let mut t = cat.txn();
+        let g = t.new_group_id();
+        assert_eq!(g, 2);
+        assert_eq!(t.new_group_id(), 3);
+        t.put_keyspace(&default_keyspace(3));
+        let WriteRequest {
+            command: Command::Txn { compares, ops },
+            ..
+        } = t.into_request()
+        else {
+            panic!("not a txn");
+        };
+        // seq/group is compared once (against its absence), even though written twice.
+        assert_eq!(compares.len(), 2);
+        assert!(compares.iter().all(|c| c.expected.is_none()));
+        assert_eq!(ops.len(), 3);
+    }
+
+    #[test]
+    fn hash_keyspaces_start_with_equal_ranges_and_range_keyspaces_with_one() {
+        let r = initial_ranges(5, true, 16);
+        assert_eq!(r.len(), 16);
+        assert_eq!(r[0].0, keycodec::keyspace_range(5).0);
+        assert_eq!(r[15].1, keycodec::keyspace_range(5).1);
+        assert!(r.windows(2).all(|w| w[0].1 == w[1].0));
+        assert_eq!(initial_ranges(5, false, 16), vec![keycodec::keyspace_range(5)]);
+    }
+}
