@@ -93,24 +93,10 @@ enum AdminCall {
 /// A position in a keyspace's order: (hash, key) for hash keyspaces, (0, key) for range ones.
 type Position = (u16, Bytes);
 
-/// A small stable 16-bit hash (FNV-1a, then murmur3's finaliser so that keys differing only in
-/// their last byte spread over the shards); it need not match the server's, only be fixed.
-fn hash16(key: &[u8]) -> u16 {
-    let mut h = key
-        .iter()
-        .fold(0x811c_9dc5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    (h >> 16) as u16
-}
-
 fn position(sharding: Sharding, key: &Bytes) -> Position {
     match sharding {
         Sharding::Range => (0, key.clone()),
-        Sharding::Hash => (hash16(key), key.clone()),
+        Sharding::Hash => (basalt_proto::keycodec::hash_of(key), key.clone()),
     }
 }
 

@@ -104,6 +104,12 @@ impl StateReader {
         self.inner.read().applied_index()
     }
 
+    /// Whether the shard, as of the last apply, holds stored key `key` (no copy of the shard:
+    /// the request path asks this on every request).
+    pub fn holds(&self, key: &[u8]) -> bool {
+        self.inner.read().shard().contains(key)
+    }
+
     /// The shard as of the last apply.
     pub fn shard(&self) -> ShardState {
         self.inner.read().shard().clone()

@@ -142,7 +142,7 @@ impl AdminService {
 
     fn shard_pb(&self, cat: &Catalog, s: &ShardDesc, stats: bool) -> PbShard {
         let name = cat
-            .keyspace_by_id(s.keyspace)
+            .keyspace_by_id(s.shard.keyspace)
             .map(|k| k.name.clone())
             .unwrap_or_default();
         let local = self.placement.replicas().get(s.id);
@@ -151,7 +151,7 @@ impl AdminService {
         if let (true, Some(g)) = (stats, local) {
             let status = g.status();
             pb.applied_index = status.applied_index;
-            let mut cursor = Some(s.start.clone());
+            let mut cursor = Some(s.shard.start.clone());
             while let Some(c) = cursor {
                 let scan = basalt_storage::ShardScan {
                     cursor: Some(c),
@@ -161,7 +161,7 @@ impl AdminService {
                     Ok(page) => {
                         pb.approximate_keys += page.kvs.len() as u64;
                         pb.approximate_bytes += page.kvs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
-                        cursor = page.cursor.filter(|c| s.contains(c));
+                        cursor = page.cursor.filter(|c| s.shard.contains(c));
                     }
                     Err(_) => break,
                 }
@@ -221,14 +221,10 @@ impl AdminService {
             Ok((left, right)) => {
                 let addrs = self.placement.addresses();
                 let members: Vec<u64> = g.status().members.iter().map(|m| m.id).collect();
-                let to_pb = |id: u64, s: basalt_storage::ShardState| {
+                let to_pb = |id: u64, shard: basalt_storage::ShardState| {
                     ShardDesc {
                         id,
-                        keyspace: s.keyspace,
-                        hashed: s.hashed,
-                        start: s.start,
-                        end: s.end,
-                        epoch: s.epoch,
+                        shard,
                         replicas: members.clone(),
                         bootstrap: false,
                     }
@@ -275,17 +271,17 @@ impl AdminService {
             .ok_or_else(|| PlacementError::NotFound(format!("shard {} does not exist", req.shard_id)))?
             .clone();
         let local = self.placement.replicas().get(desc.id);
-        let at = if req.at.is_empty() && !desc.hashed {
+        let at = if req.at.is_empty() && !desc.shard.hashed {
             Vec::new() // the shard's leader picks its median key
         } else {
-            placement::split_point(&desc.state(), &req.at, local.as_ref())?
+            placement::split_point(&desc.shard, &req.at, local.as_ref())?
         };
         let new_group = self.placement.allocate_group().await?;
         let internal = SplitShardRequest {
             shard_id: desc.id,
             at: at.into(),
             new_group,
-            expected_epoch: desc.epoch,
+            expected_epoch: desc.shard.epoch,
         };
         let resp = self
             .split_on_shard_leader(internal, false)
@@ -299,7 +295,7 @@ impl AdminService {
         };
         let state = |s: &PbShard| basalt_storage::ShardState {
             keyspace: s.keyspace_id,
-            hashed: desc.hashed,
+            hashed: desc.shard.hashed,
             start: s.start.to_vec(),
             end: s.end.to_vec(),
             epoch: s.epoch,
@@ -329,22 +325,9 @@ impl AdminService {
         F: FnOnce(AdminClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
     {
-        match result {
-            Ok(()) => Ok(Response::new(ok())),
-            Err(e) => {
-                self.forwarder
-                    .forward_not_leader(
-                        self.group.as_ref(),
-                        &self.metrics,
-                        method,
-                        e,
-                        original,
-                        forwarded,
-                        |ch, r| call(AdminClient::new(ch), r),
-                    )
-                    .await
-            }
-        }
+        let result = result.map_err(PlacementError::Replication);
+        self.on_meta_leader(method, result, original, forwarded, call, |()| ok())
+            .await
     }
 }
 
@@ -599,7 +582,7 @@ impl Admin for AdminService {
         let cat = self.catalog()?;
         let shards: Vec<PbShard> = if req.keyspace.is_empty() {
             let mut all: Vec<&ShardDesc> = cat.shards.values().collect();
-            all.sort_by(|a, b| a.start.cmp(&b.start));
+            all.sort_by(|a, b| a.shard.start.cmp(&b.shard.start));
             all.into_iter()
                 .map(|s| self.shard_pb(&cat, s, req.with_stats))
                 .collect()

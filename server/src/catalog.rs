@@ -79,13 +79,8 @@ impl KeyspaceDesc {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ShardDesc {
     pub id: u64,
-    pub keyspace: u32,
-    pub hashed: bool,
-    #[serde(with = "serde_bytes")]
-    pub start: Vec<u8>,
-    #[serde(with = "serde_bytes")]
-    pub end: Vec<u8>,
-    pub epoch: u64,
+    /// Keyspace, kind, range and epoch: the group's own record as of the last catalog update.
+    pub shard: ShardState,
     pub replicas: Vec<u64>,
     /// Created with its keyspace: its first replicas form the group from nothing (each calls
     /// `initialize` with `replicas`). Shards born from a split are not: they start from their
@@ -94,29 +89,16 @@ pub struct ShardDesc {
 }
 
 impl ShardDesc {
-    pub fn state(&self) -> ShardState {
-        ShardState {
-            keyspace: self.keyspace,
-            hashed: self.hashed,
-            start: self.start.clone(),
-            end: self.end.clone(),
-            epoch: self.epoch,
-        }
-    }
-
-    pub fn contains(&self, stored_key: &[u8]) -> bool {
-        self.start.as_slice() <= stored_key && stored_key < self.end.as_slice()
-    }
-
     /// The descriptor in the public form, with member addresses from `addrs`.
     pub fn to_pb(&self, keyspace: &str, addrs: &BTreeMap<u64, String>, leader_id: u64) -> PbShard {
+        let s = &self.shard;
         PbShard {
             id: self.id,
             keyspace: keyspace.to_string(),
-            keyspace_id: self.keyspace,
-            start: self.start.clone().into(),
-            end: self.end.clone().into(),
-            epoch: self.epoch,
+            keyspace_id: s.keyspace,
+            start: s.start.clone().into(),
+            end: s.end.clone().into(),
+            epoch: s.epoch,
             replicas: self
                 .replicas
                 .iter()
@@ -126,8 +108,8 @@ impl ShardDesc {
                 })
                 .collect(),
             leader_id,
-            start_display: keycodec::display_bound(self.keyspace, self.hashed, &self.start),
-            end_display: keycodec::display_bound(self.keyspace, self.hashed, &self.end),
+            start_display: keycodec::display_bound(s.keyspace, s.hashed, &s.start),
+            end_display: keycodec::display_bound(s.keyspace, s.hashed, &s.end),
             applied_index: 0,
             approximate_bytes: 0,
             approximate_keys: 0,
@@ -218,14 +200,16 @@ impl Catalog {
 
     /// The shards of keyspace `id` in key order.
     pub fn shards_of(&self, id: u32) -> Vec<&ShardDesc> {
-        let mut v: Vec<&ShardDesc> = self.shards.values().filter(|s| s.keyspace == id).collect();
-        v.sort_by(|a, b| a.start.cmp(&b.start));
+        let mut v: Vec<&ShardDesc> = self.shards.values().filter(|s| s.shard.keyspace == id).collect();
+        v.sort_by(|a, b| a.shard.start.cmp(&b.shard.start));
         v
     }
 
     /// The shard holding stored key `key`, if the catalog knows one.
     pub fn shard_for(&self, keyspace: u32, key: &[u8]) -> Option<&ShardDesc> {
-        self.shards.values().find(|s| s.keyspace == keyspace && s.contains(key))
+        self.shards
+            .values()
+            .find(|s| s.shard.keyspace == keyspace && s.shard.contains(key))
     }
 
     /// Whether a keyspace with this id existed and was dropped (ids are never reused).

@@ -192,14 +192,9 @@ impl Placement {
             }
             let ks = catalog::default_keyspace(founders.len() as u32);
             txn.put_keyspace(&ks);
-            let (start, end) = keycodec::keyspace_range(DEFAULT_KEYSPACE);
             txn.put_shard(&ShardDesc {
                 id: group,
-                keyspace: DEFAULT_KEYSPACE,
-                hashed: false,
-                start,
-                end,
-                epoch: 1,
+                shard: ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
                 replicas: founders.to_vec(),
                 bootstrap: true,
             });
@@ -269,11 +264,13 @@ impl Placement {
                 let group = txn.new_group_id();
                 txn.put_shard(&ShardDesc {
                     id: group,
-                    keyspace: id,
-                    hashed,
-                    start,
-                    end,
-                    epoch: 1,
+                    shard: ShardState {
+                        keyspace: id,
+                        hashed,
+                        start,
+                        end,
+                        epoch: 1,
+                    },
                     replicas,
                     bootstrap: true,
                 });
@@ -324,17 +321,14 @@ impl Placement {
             if view.shards.contains_key(&new_group) {
                 return Ok(());
             }
-            let mut p = p.clone();
             let child = ShardDesc {
                 id: new_group,
-                start: right.start.clone(),
-                end: right.end.clone(),
-                epoch: right.epoch,
+                shard: right.clone(),
+                replicas: p.replicas.clone(),
                 bootstrap: false,
-                ..p.clone()
             };
-            p.end = left.end.clone();
-            p.epoch = left.epoch;
+            let mut p = p.clone();
+            p.shard = left.clone();
             txn.put_shard(&p);
             txn.put_shard(&child);
             Ok(())
@@ -493,9 +487,13 @@ async fn reconcile(p: &Placement) -> Result<(), PlacementError> {
         if members.len() != s.replicas.len() {
             continue; // A member's address is not known here yet; the next tick retries.
         }
-        let g = p.replicas.open(s.id, s.state()).await?;
+        let g = p.replicas.open(s.id, s.shard.clone()).await?;
         g.initialize(&members).await?;
-        tracing::info!(group = s.id, keyspace = s.keyspace, "created replica of a new shard");
+        tracing::info!(
+            group = s.id,
+            keyspace = s.shard.keyspace,
+            "created replica of a new shard"
+        );
     }
     for (group, shard) in p.replicas.shards() {
         if group != META_GROUP && view.dropped(shard.keyspace) {

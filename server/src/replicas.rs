@@ -180,7 +180,7 @@ impl Replicas {
                 idx.range(..=key.to_vec()).next_back().map(|(_, g)| *g)
             };
             if let Some(g) = candidate.and_then(|id| self.get(id)) {
-                if g.reader().shard().contains(key) {
+                if g.reader().holds(key) {
                     return Some(g);
                 }
             }

@@ -34,7 +34,36 @@ pub async fn start_cluster(nodes: usize, snapshot_threshold: Option<u64>) -> (Lo
     opts.snapshot_threshold = snapshot_threshold;
     let cluster = LocalCluster::start(opts).await.expect("cluster starts");
     let leader = settled_leader(&cluster, Duration::from_secs(15)).await;
+    settled_shard_leader(&cluster, basalt_server::node::DEFAULT_GROUP, Duration::from_secs(15)).await;
     (cluster, leader)
+}
+
+/// Waits until every node's replica of `shard` names the same leader, twice in a row 200 ms
+/// apart. The meta group (whose leader [`settled_leader`] waits for) and the default keyspace's
+/// shard elect their leaders independently; tests that send raw requests need both.
+pub async fn settled_shard_leader(cluster: &LocalCluster, shard: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    let mut previous = None;
+    loop {
+        let mut views = Vec::new();
+        for id in cluster.node_ids() {
+            let Ok(endpoint) = cluster.endpoint(id) else { continue };
+            let shards = client_of(endpoint).await.list_shards(None, false).await;
+            if let Some(s) = shards.ok().and_then(|all| all.into_iter().find(|s| s.id == shard)) {
+                views.push(s.leader_id);
+            }
+        }
+        let agreed = views.len() == cluster.node_ids().len() && views[0] != 0 && views.iter().all(|v| *v == views[0]);
+        if agreed && previous == Some(views[0]) {
+            return views[0];
+        }
+        previous = agreed.then(|| views[0]);
+        assert!(
+            Instant::now() < deadline,
+            "shard {shard} has no settled leader within {timeout:?}: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until every node names the same leader in the same term, twice in a row 200 ms apart.
