@@ -31,8 +31,9 @@ use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::{
     AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, CompareAndSwapRequest, CreateKeyspaceRequest,
     DeleteRequest, DescribeKeyspaceRequest, DropKeyspaceRequest, GetRequest, Keyspace, ListKeyspacesRequest,
-    ListShardsRequest, MoveShardRequest, PutRequest, RemoveMemberRequest, ScanRequest, ScanResponse, Shard,
-    Sharding as WireSharding, SplitShardRequest, TransferLeaderRequest, TransferShardLeaderRequest,
+    ListShardsRequest, MoveShardRequest, PlacementStatusRequest, PlacementStatusResponse, PutRequest,
+    RemoveMemberRequest, ScanRequest, ScanResponse, Shard, Sharding as WireSharding, SplitShardRequest,
+    TransferLeaderRequest, TransferShardLeaderRequest,
 };
 use basalt_proto::Dialer;
 use bytes::Bytes;
@@ -630,6 +631,20 @@ impl Client {
         .instrument(tracing::debug_span!("basalt.transfer_shard_leader", id, to))
         .await
         .map(|_| ())
+    }
+
+    /// The placement driver's view (from the meta group's leader): each node's replica and
+    /// leader counts and liveness, and the driver's recent and running steps.
+    pub async fn placement_status(&self) -> Result<PlacementStatusResponse, ClientError> {
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "placement_status",
+            || PlacementStatusRequest {},
+            |ch, req| async move { AdminClient::new(ch).placement_status(req).await },
+        )
+        .instrument(tracing::debug_span!("basalt.placement_status"))
+        .await
     }
 
     /// The leader's node id as last heard (from a response header or a `NotLeader` hint).

@@ -23,8 +23,8 @@ use std::future::Future;
 use basalt_proto::v1::{
     AddMemberResponse, ClusterStatusResponse, CompareAndSwapResponse, CreateKeyspaceResponse, DeleteResponse,
     DescribeKeyspaceResponse, DropKeyspaceResponse, GetResponse, ListKeyspacesResponse, ListShardsResponse,
-    MoveShardResponse, PutResponse, RemoveMemberResponse, ResponseHeader, ScanResponse, SplitShardResponse,
-    TransferLeaderResponse, TransferShardLeaderResponse,
+    MoveShardResponse, PlacementStatusResponse, PutResponse, RemoveMemberResponse, ResponseHeader, ScanResponse,
+    SplitShardResponse, TransferLeaderResponse, TransferShardLeaderResponse,
 };
 use std::time::Duration;
 use tokio::time::Instant;
@@ -72,6 +72,7 @@ impl_has_header!(
     SplitShardResponse,
     MoveShardResponse,
     TransferShardLeaderResponse,
+    PlacementStatusResponse,
 );
 
 /// When an operation started and when it must end; `DeadlineExceeded` reports the time between

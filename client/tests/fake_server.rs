@@ -188,6 +188,8 @@ impl FakeKeyspace {
                         0
                     },
                     approximate_keys: if with_stats { inside.len() as u64 } else { 0 },
+                    moving_from: 0,
+                    moving_to: 0,
                 }
             })
             .collect()
@@ -685,6 +687,45 @@ impl Admin for FakeNode {
         self.admit(Seen::AdminCall(AdminCall::TransferShardLeader(req)), Op::Admin, "")?;
         Ok(Response::new(TransferShardLeaderResponse { header: self.header() }))
     }
+
+    async fn placement_status(
+        &self,
+        _: Request<PlacementStatusRequest>,
+    ) -> Result<Response<PlacementStatusResponse>, Status> {
+        self.admit(Seen::Admin("placement_status"), Op::Admin, "")?;
+        Ok(Response::new(PlacementStatusResponse {
+            header: self.header(),
+            driver_node: self.node_id,
+            nodes: vec![NodePlacement {
+                node_id: self.node_id,
+                replicas: 3,
+                leaders: 2,
+                state: "live".into(),
+                last_report_ms: 10,
+            }],
+            steps: vec![PlacementStep {
+                kind: "move".into(),
+                shard_id: 7,
+                from_node: 2,
+                to_node: 4,
+                state: "running".into(),
+                detail: "node 2 was removed from the cluster".into(),
+                started_at_ms: 1,
+                finished_at_ms: 0,
+            }],
+        }))
+    }
+
+    async fn change_shard_replicas(
+        &self,
+        _: Request<ChangeShardReplicasRequest>,
+    ) -> Result<Response<ChangeShardReplicasResponse>, Status> {
+        Err(Status::unimplemented("internal; the fake server has no shards"))
+    }
+
+    async fn node_report(&self, _: Request<NodeReportRequest>) -> Result<Response<NodeReportResponse>, Status> {
+        Err(Status::unimplemented("internal; the fake server has no shards"))
+    }
 }
 
 async fn bind() -> (TcpListener, SocketAddr) {
@@ -1057,6 +1098,16 @@ async fn basaltctl_commands_against_a_fake_node() {
     let v: serde_json::Value = serde_json::from_str(&json).expect("json output");
     assert_eq!(v["leader_id"], 1);
     assert_eq!(v["members"][0]["role"], "leader");
+    assert_eq!(v["placement"]["nodes"][0]["leaders"], 2);
+    assert_eq!(v["placement"]["steps"][0]["kind"], "move");
+    assert_eq!(v["placement"]["steps"][0]["state"], "running");
+    let (table, code) = ctl(&client, &["cluster", "status"]).await.expect("status");
+    assert_eq!(code, EXIT_OK);
+    assert!(table.contains("placement driver on node 1\n"), "{table}");
+    assert!(
+        table.contains("move  7      2     4   running  node 2 was removed from the cluster"),
+        "{table}"
+    );
     assert_eq!(
         ctl(&client, &["member", "add", "4", "10.0.0.4:7379"])
             .await

@@ -17,21 +17,25 @@ use basalt_consensus::{GroupStatus, Replication, ReplicationError, Role};
 use basalt_proto::v1::admin_client::AdminClient;
 use basalt_proto::v1::admin_server::Admin;
 use basalt_proto::v1::{
-    AddMemberRequest, AddMemberResponse, ClusterStatusRequest, ClusterStatusResponse, CreateKeyspaceRequest,
-    CreateKeyspaceResponse, DescribeKeyspaceRequest, DescribeKeyspaceResponse, DropKeyspaceRequest,
-    DropKeyspaceResponse, ListKeyspacesRequest, ListKeyspacesResponse, ListShardsRequest, ListShardsResponse, Member,
-    MoveShardRequest, MoveShardResponse, NodeStatusRequest, RemoveMemberRequest, RemoveMemberResponse, Role as PbRole,
-    Shard as PbShard, Sharding, SplitShardRequest, SplitShardResponse, TransferLeaderRequest, TransferLeaderResponse,
-    TransferShardLeaderRequest, TransferShardLeaderResponse,
+    AddMemberRequest, AddMemberResponse, ChangeShardReplicasRequest, ChangeShardReplicasResponse, ClusterStatusRequest,
+    ClusterStatusResponse, CreateKeyspaceRequest, CreateKeyspaceResponse, DescribeKeyspaceRequest,
+    DescribeKeyspaceResponse, DropKeyspaceRequest, DropKeyspaceResponse, ListKeyspacesRequest, ListKeyspacesResponse,
+    ListShardsRequest, ListShardsResponse, Member, MoveShardRequest, MoveShardResponse, NodeReportRequest,
+    NodeReportResponse, NodeStatusRequest, PlacementStatusRequest, PlacementStatusResponse, RemoveMemberRequest,
+    RemoveMemberResponse, Role as PbRole, Shard as PbShard, ShardLoad, Sharding, SplitShardRequest, SplitShardResponse,
+    TransferLeaderRequest, TransferLeaderResponse, TransferShardLeaderRequest, TransferShardLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
 use crate::catalog::{Catalog, ShardDesc};
+use crate::driver::Driver;
 use crate::forward::{is_forwarded, Forwarder};
 use crate::kv_service::header;
 use crate::limits::{check_member_address, invalid};
+use crate::load::ShardSize;
 use crate::metrics::ServerMetrics;
 use crate::placement::{self, Placement, PlacementError};
+use crate::replica_move;
 
 /// How long a status probe of one member may take before it counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
@@ -40,6 +44,7 @@ pub struct AdminService {
     /// The meta group's local replica.
     group: Arc<dyn Replication>,
     placement: Placement,
+    driver: Arc<Driver>,
     peers: PeerClients,
     forwarder: Forwarder,
     metrics: ServerMetrics,
@@ -67,10 +72,17 @@ fn pb_role(r: Role) -> PbRole {
 }
 
 impl AdminService {
-    pub fn new(placement: Placement, peers: PeerClients, forwarder: Forwarder, metrics: ServerMetrics) -> Self {
+    pub fn new(
+        placement: Placement,
+        driver: Arc<Driver>,
+        peers: PeerClients,
+        forwarder: Forwarder,
+        metrics: ServerMetrics,
+    ) -> Self {
         Self {
             group: placement.meta(),
             placement,
+            driver,
             peers,
             forwarder,
             metrics,
@@ -149,23 +161,10 @@ impl AdminService {
         let leader = local.as_ref().and_then(|g| g.status().leader_id).unwrap_or(0);
         let mut pb = s.to_pb(&name, &self.placement.addresses(), leader);
         if let (true, Some(g)) = (stats, local) {
-            let status = g.status();
-            pb.applied_index = status.applied_index;
-            let mut cursor = Some(s.shard.start.clone());
-            while let Some(c) = cursor {
-                let scan = basalt_storage::ShardScan {
-                    cursor: Some(c),
-                    ..Default::default()
-                };
-                match g.reader().scan_shard(&scan) {
-                    Ok(page) => {
-                        pb.approximate_keys += page.kvs.len() as u64;
-                        pb.approximate_bytes += page.kvs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
-                        cursor = page.cursor.filter(|c| s.shard.contains(c));
-                    }
-                    Err(_) => break,
-                }
-            }
+            pb.applied_index = g.status().applied_index;
+            let ShardSize { bytes, keys } = self.placement.load().size(s.id, &g.reader(), u64::MAX);
+            pb.approximate_bytes = bytes;
+            pb.approximate_keys = keys;
         }
         pb
     }
@@ -227,6 +226,7 @@ impl AdminService {
                         shard,
                         replicas: members.clone(),
                         bootstrap: false,
+                        moving: None,
                     }
                     .to_pb(&keyspace, &addrs, 0)
                 };
@@ -253,16 +253,24 @@ impl AdminService {
         }
     }
 
+    /// `NotLeader` unless this node leads the meta group (and so runs the driver).
+    fn meta_leader_check(&self) -> Result<(), PlacementError> {
+        let s = self.group.status();
+        if s.role == Role::Leader {
+            Ok(())
+        } else {
+            Err(PlacementError::Replication(ReplicationError::NotLeader {
+                leader_id: s.leader_id,
+                leader_addr: s.leader_addr,
+            }))
+        }
+    }
+
     /// A user's split, run by the driver on the meta leader: allocate the new group, have the
     /// shard's leader split, record both halves.
     async fn split_as_driver(&self, req: &SplitShardRequest) -> Result<SplitShardResponse, PlacementError> {
+        self.meta_leader_check()?;
         let meta = self.placement.meta();
-        if meta.status().role != Role::Leader {
-            return Err(PlacementError::Replication(ReplicationError::NotLeader {
-                leader_id: meta.status().leader_id,
-                leader_addr: meta.status().leader_addr,
-            }));
-        }
         meta.read_barrier().await?;
         let cat = self.placement.catalog()?;
         let desc = cat
@@ -623,10 +631,43 @@ impl Admin for AdminService {
             .await
     }
 
-    async fn move_shard(&self, _req: Request<MoveShardRequest>) -> Result<Response<MoveShardResponse>, Status> {
-        Err(Status::unimplemented(
-            "moving a shard's replica is not available yet in this version",
-        ))
+    async fn move_shard(&self, req: Request<MoveShardRequest>) -> Result<Response<MoveShardResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed("admin", self.group.status().node_id, "move_shard", async {
+                if req.from_node == 0 || req.to_node == 0 {
+                    return Err(invalid("from_node/to_node", "node ids start at 1"));
+                }
+                let r = match self.meta_leader_check() {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        replica_move::move_replica(
+                            &self.placement,
+                            &self.forwarder.with_timeout(crate::driver::PLACEMENT_STEP_TIMEOUT),
+                            req.shard_id,
+                            req.from_node,
+                            req.to_node,
+                        )
+                        .await
+                    }
+                };
+                let cat = self.catalog()?;
+                let g = self.group.clone();
+                self.on_meta_leader(
+                    "move_shard",
+                    r,
+                    req,
+                    forwarded,
+                    |mut c, r| async move { c.move_shard(r).await },
+                    |d| MoveShardResponse {
+                        header: Some(header(g.as_ref())),
+                        shard: Some(self.shard_pb(&cat, &d, false)),
+                    },
+                )
+                .await
+            })
+            .await
     }
 
     async fn transfer_shard_leader(
@@ -673,5 +714,144 @@ impl Admin for AdminService {
                 }
             })
             .await
+    }
+
+    async fn placement_status(
+        &self,
+        req: Request<PlacementStatusRequest>,
+    ) -> Result<Response<PlacementStatusResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        let r = self.meta_leader_check();
+        let g = self.group.clone();
+        let node_id = g.status().node_id;
+        self.on_meta_leader(
+            "placement_status",
+            r,
+            req,
+            forwarded,
+            |mut c, r| async move { c.placement_status(r).await },
+            |()| PlacementStatusResponse {
+                header: Some(header(g.as_ref())),
+                ..self.driver.status(node_id)
+            },
+        )
+        .await
+    }
+
+    async fn change_shard_replicas(
+        &self,
+        req: Request<ChangeShardReplicasRequest>,
+    ) -> Result<Response<ChangeShardReplicasResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed("admin", self.group.status().node_id, "change_shard_replicas", async {
+                let Some(g) = self.placement.replicas().get(req.shard_id) else {
+                    return Err(Status::unavailable(format!(
+                        "shard {} is not hosted on node {}",
+                        req.shard_id,
+                        self.group.status().node_id
+                    )));
+                };
+                let r = match (req.add_node, req.remove_node) {
+                    (0, 0) | (1.., 1..) => {
+                        return Err(invalid("add_node/remove_node", "exactly one must be set"));
+                    }
+                    (add, 0) => {
+                        check_member_address("add_address", &req.add_address)?;
+                        add_newcomer(&g, add, req.add_address.clone()).await
+                    }
+                    (0, remove) => match g.remove_member(remove).await {
+                        Err(ReplicationError::UnknownMember(_)) => Ok(()), // Gone already.
+                        r => r,
+                    },
+                };
+                match r {
+                    Ok(()) => Ok(Response::new(ChangeShardReplicasResponse {
+                        header: Some(header(g.as_ref())),
+                        voters: g.status().members.iter().filter(|m| m.voter).map(|m| m.id).collect(),
+                    })),
+                    Err(e) => {
+                        self.forwarder
+                            .forward_not_leader(
+                                g.as_ref(),
+                                &self.metrics,
+                                "change_shard_replicas",
+                                e,
+                                req,
+                                forwarded,
+                                |ch, r| async move { AdminClient::new(ch).change_shard_replicas(r).await },
+                            )
+                            .await
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn node_report(&self, _req: Request<NodeReportRequest>) -> Result<Response<NodeReportResponse>, Status> {
+        let load = self.placement.load();
+        let rates = load.rates();
+        // Counting past the split size tells the driver nothing more.
+        let cap = self.driver.config().split_bytes.saturating_mul(2).max(1);
+        let shards = self
+            .placement
+            .replicas()
+            .all()
+            .into_iter()
+            .map(|g| {
+                let status = g.status();
+                let leader = status.role == Role::Leader;
+                let reader = g.reader();
+                let size = if leader {
+                    load.size(g.group_id(), &reader, cap)
+                } else {
+                    ShardSize::default()
+                };
+                ShardLoad {
+                    shard_id: g.group_id(),
+                    leader,
+                    applied_index: status.applied_index,
+                    approximate_bytes: size.bytes,
+                    approximate_keys: size.keys,
+                    requests_per_second: rates.get(&g.group_id()).copied().unwrap_or(0.0),
+                    epoch: reader.shard().epoch,
+                }
+            })
+            .collect();
+        Ok(Response::new(NodeReportResponse {
+            node_id: self.group.status().node_id,
+            shards,
+        }))
+    }
+}
+
+/// How long a newcomer may take to receive its snapshot and catch up before the step fails
+/// (the driver tries again next round).
+const NEWCOMER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// On the shard's leader: compacts the log (so the newcomer starts from a snapshot; see
+/// `RaftGroup::compact_for_newcomer`) unless the newcomer is already in the group, then adds it.
+async fn add_newcomer(
+    g: &Arc<basalt_consensus::raft::RaftGroup>,
+    node: u64,
+    addr: String,
+) -> Result<(), ReplicationError> {
+    let status = g.status();
+    if status.role != Role::Leader {
+        return Err(ReplicationError::NotLeader {
+            leader_id: status.leader_id,
+            leader_addr: status.leader_addr,
+        });
+    }
+    if !status.members.iter().any(|m| m.id == node) {
+        g.compact_for_newcomer().await?;
+    }
+    match tokio::time::timeout(NEWCOMER_TIMEOUT, g.add_member(node, addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(ReplicationError::OutcomeUnknown(format!(
+            "node {node} did not catch up within {NEWCOMER_TIMEOUT:?}"
+        ))),
     }
 }

@@ -86,6 +86,27 @@ pub struct ShardDesc {
     /// `initialize` with `replicas`). Shards born from a split are not: they start from their
     /// parent's data on the parent's replicas.
     pub bootstrap: bool,
+    /// A replica move in progress. Invariant: `replicas` plus `moving.to` always includes every
+    /// member of the group's own Raft configuration (voters and learners), because the driver
+    /// names the newcomer here before adding it and drops the leaver from `replicas` only after
+    /// the group has removed it. A reconciler may therefore destroy a local replica that the
+    /// catalog does not name: the group no longer counts on it.
+    #[serde(default)]
+    pub moving: Option<ReplicaMove>,
+}
+
+/// One replica of a shard moving from node `from` to node `to`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaMove {
+    pub from: u64,
+    pub to: u64,
+}
+
+impl ShardDesc {
+    /// Whether node `id` is, or is about to be, one of the shard's replicas.
+    pub fn names(&self, id: u64) -> bool {
+        self.replicas.contains(&id) || self.moving.is_some_and(|m| m.to == id)
+    }
 }
 
 impl ShardDesc {
@@ -113,6 +134,8 @@ impl ShardDesc {
             applied_index: 0,
             approximate_bytes: 0,
             approximate_keys: 0,
+            moving_from: self.moving.map_or(0, |m| m.from),
+            moving_to: self.moving.map_or(0, |m| m.to),
         }
     }
 }

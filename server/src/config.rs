@@ -15,6 +15,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::driver::PlacementConfig;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7379";
 pub const DEFAULT_DATA_DIR: &str = "./basalt-data";
 /// The metrics port defaults to the gRPC port plus this, so several nodes started by hand on one
@@ -75,6 +77,19 @@ pub struct Flags {
     /// Log filter, e.g. `info` or `basalt_server=debug` (RUST_LOG also works).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Split a shard when its data grows past this many bytes (0: never split by size).
+    #[arg(long, value_name = "BYTES")]
+    pub split_size: Option<u64>,
+    /// Split a shard when it serves more than this many requests per second (0: never).
+    #[arg(long, value_name = "REQUESTS_PER_SEC")]
+    pub split_load: Option<u64>,
+    /// Seconds without a report after which a node counts as dead and its replicas are re-created
+    /// elsewhere.
+    #[arg(long, value_name = "SECS")]
+    pub dead_node_timeout: Option<u64>,
+    /// Do not move replicas and leaders to even out the nodes (re-replication still happens).
+    #[arg(long)]
+    pub no_rebalance: bool,
 }
 
 /// The same settings as a TOML file.
@@ -90,6 +105,10 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     pub snapshot_threshold: Option<u64>,
     pub log_level: Option<String>,
+    pub split_size: Option<u64>,
+    pub split_load: Option<u64>,
+    pub dead_node_timeout: Option<u64>,
+    pub rebalance: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +136,8 @@ pub struct NodeConfig {
     pub heartbeat_interval: Duration,
     pub election_timeout_min: Duration,
     pub election_timeout_max: Duration,
+    /// The placement driver's knobs (used while this node leads the meta group).
+    pub placement: PlacementConfig,
 }
 
 pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
@@ -234,6 +255,24 @@ impl NodeConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        let defaults = PlacementConfig::default();
+        let dead_secs = flags
+            .dead_node_timeout
+            .or(file.dead_node_timeout)
+            .unwrap_or(defaults.dead_after.as_secs());
+        if dead_secs == 0 {
+            return Err(ConfigError::Invalid {
+                field: "dead-node-timeout",
+                reason: "must be at least 1 second".into(),
+            });
+        }
+        let placement = PlacementConfig {
+            split_bytes: flags.split_size.or(file.split_size).unwrap_or(defaults.split_bytes),
+            split_qps: flags.split_load.or(file.split_load).unwrap_or(defaults.split_qps),
+            dead_after: Duration::from_secs(dead_secs),
+            rebalance: !flags.no_rebalance && file.rebalance.unwrap_or(true),
+            ..defaults
+        };
         Ok(Self {
             node_id,
             listen,
@@ -250,6 +289,7 @@ impl NodeConfig {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             election_timeout_min: DEFAULT_ELECTION_TIMEOUT_MIN,
             election_timeout_max: DEFAULT_ELECTION_TIMEOUT_MAX,
+            placement,
         })
     }
 }

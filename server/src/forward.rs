@@ -40,6 +40,15 @@ impl Forwarder {
         Self { peers, timeout }
     }
 
+    /// The same forwarder with another time limit per forwarded request (placement steps, such
+    /// as filling a new replica, take longer than a client's request).
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            peers: self.peers.clone(),
+            timeout,
+        }
+    }
+
     /// Sends `msg` to the leader at `addr` through `call` (which picks the service and method).
     pub async fn forward<Req, Resp, F, Fut>(
         &self,
@@ -62,13 +71,21 @@ impl Forwarder {
         req.set_timeout(self.timeout);
         match call(channel, req).await {
             // The leader could not be reached: hand the client the hint so it can try itself.
-            Err(s) if s.code() == tonic::Code::Unavailable && s.details().is_empty() => Err(status_with_detail(
-                format!("the leader at {addr} is unreachable from this node: {}", s.message()),
-                ErrorKind::NotLeader(NotLeader {
-                    leader_id: leader_id.unwrap_or(0),
-                    leader_addr: addr.to_string(),
-                }),
-            )),
+            // So can a connection that broke under the request (tonic reports it as `Unknown`
+            // with the transport error as its source): passed on as it is, it would reach the
+            // client as a server error it cannot retry.
+            Err(s)
+                if (s.code() == tonic::Code::Unavailable && s.details().is_empty())
+                    || (s.code() == tonic::Code::Unknown && std::error::Error::source(&s).is_some()) =>
+            {
+                Err(status_with_detail(
+                    format!("the leader at {addr} is unreachable from this node: {}", s.message()),
+                    ErrorKind::NotLeader(NotLeader {
+                        leader_id: leader_id.unwrap_or(0),
+                        leader_addr: addr.to_string(),
+                    }),
+                ))
+            }
             r => r,
         }
     }

@@ -83,29 +83,48 @@ impl KvService {
     }
 
     /// The keyspace named by a request (empty: the default one).
-    fn keyspace(&self, name: &str) -> Result<KeyspaceDesc, Status> {
+    ///
+    /// A name this node's catalog lacks may be a keyspace created a moment ago that its meta
+    /// replica has not applied yet (a client that creates a keyspace and writes to it at once
+    /// meets this): only after a ReadIndex barrier on the meta group, which brings the local
+    /// replica up to the leader's commit point, is "does not exist" the truth.
+    async fn keyspace(&self, name: &str) -> Result<KeyspaceDesc, Status> {
         let name = if name.is_empty() {
             keycodec::DEFAULT_KEYSPACE_NAME
         } else {
             name
         };
+        if let Some(ks) = self.cached_keyspace(name)? {
+            return Ok(ks);
+        }
+        self.placement.meta().read_barrier().await.map_err(to_status)?;
+        match self.cached_keyspace(name)? {
+            Some(ks) => Ok(ks),
+            None => Err(Status::not_found(format!("keyspace {name:?} does not exist"))),
+        }
+    }
+
+    fn cached_keyspace(&self, name: &str) -> Result<Option<KeyspaceDesc>, Status> {
         let catalog = self
             .placement
             .cached()
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        match catalog.keyspace(name) {
-            Some(ks) => Ok(ks.clone()),
+        Ok(match catalog.keyspace(name) {
+            Some(ks) => Some(ks.clone()),
             // The default keyspace's shard is formed at bootstrap, before the meta leader has
             // recorded it in the catalog: serve it from the first moment.
-            None if name == keycodec::DEFAULT_KEYSPACE_NAME => Ok(crate::catalog::default_keyspace(0)),
-            None => Err(Status::not_found(format!("keyspace {name:?} does not exist"))),
-        }
+            None if name == keycodec::DEFAULT_KEYSPACE_NAME => Some(crate::catalog::default_keyspace(0)),
+            None => None,
+        })
     }
 
     /// The local replica whose shard holds stored key `key`, or `WrongShard`.
     fn route(&self, ks: &KeyspaceDesc, key: &[u8]) -> Result<Group, Status> {
         match self.placement.replicas().for_key(key) {
-            Some(g) => Ok(g),
+            Some(g) => {
+                self.placement.load().record(g.group_id());
+                Ok(g)
+            }
             None => Err(self.wrong_shard(ks, key)),
         }
     }
@@ -241,7 +260,7 @@ impl Kv for KvService {
             .timed("kv", self.node_id(), "put", async {
                 check_key("key", &req.key)?;
                 check_value("value", &req.value)?;
-                let ks = self.keyspace(&req.keyspace)?;
+                let ks = self.keyspace(&req.keyspace).await?;
                 let stored = ks.encode(&req.key);
                 let group = self.route(&ks, &stored)?;
                 let cmd = WriteRequest {
@@ -276,7 +295,7 @@ impl Kv for KvService {
         self.metrics
             .timed("kv", self.node_id(), "get", async {
                 check_key("key", &req.key)?;
-                let ks = self.keyspace(&req.keyspace)?;
+                let ks = self.keyspace(&req.keyspace).await?;
                 let stored = ks.encode(&req.key);
                 let group = self.route(&ks, &stored)?;
                 if let Some(resp) = self
@@ -305,7 +324,7 @@ impl Kv for KvService {
         self.metrics
             .timed("kv", self.node_id(), "delete", async {
                 check_key("key", &req.key)?;
-                let ks = self.keyspace(&req.keyspace)?;
+                let ks = self.keyspace(&req.keyspace).await?;
                 let stored = ks.encode(&req.key);
                 let group = self.route(&ks, &stored)?;
                 let cmd = WriteRequest {
@@ -338,7 +357,7 @@ impl Kv for KvService {
         self.metrics
             .timed("kv", self.node_id(), "scan", async {
                 let limit = check_scan(&req.start, &req.end, req.limit)?;
-                let ks = self.keyspace(&req.keyspace)?;
+                let ks = self.keyspace(&req.keyspace).await?;
                 let cursor = (!req.cursor.is_empty()).then(|| req.cursor.to_vec());
                 let position = keycodec::scan_position(ks.id, ks.hashed, cursor.as_deref(), &req.start);
                 if !position.starts_with(&ks.id.to_be_bytes()) {
@@ -390,7 +409,7 @@ impl Kv for KvService {
             .timed("kv", self.node_id(), "compare_and_swap", async {
                 check_key("key", &req.key)?;
                 check_value("new_value", &req.new_value)?;
-                let ks = self.keyspace(&req.keyspace)?;
+                let ks = self.keyspace(&req.keyspace).await?;
                 let stored = ks.encode(&req.key);
                 let group = self.route(&ks, &stored)?;
                 let expected = match &req.expected {

@@ -10,7 +10,7 @@
 //! 4. bind the gRPC and metrics ports (failing fast on a taken port) and start serving,
 //! 5. bootstrap, if and only if this node is a founding member whose state is new: the meta group
 //!    and the default keyspace's first shard (group 2), both with the founding members,
-//! 6. start the placement loop (see [`crate::placement`]).
+//! 6. start the reconciler ([`crate::reconciler`]) and the placement driver ([`crate::driver`]).
 //!
 //! Serving starts before bootstrap because founding members must already answer each other's
 //! votes when the first election begins.
@@ -40,6 +40,7 @@ use tonic::transport::server::Connected;
 use crate::admin_service::AdminService;
 use crate::catalog::{meta_shard, META_GROUP};
 use crate::config::NodeConfig;
+use crate::driver::Driver;
 use crate::forward::Forwarder;
 use crate::kv_service::KvService;
 use crate::metrics::{bind_metrics, serve_metrics, ServerMetrics};
@@ -52,6 +53,9 @@ pub const DEFAULT_GROUP: u64 = 2;
 const NODE_ID_FILE: &str = "NODE_ID";
 /// Largest gRPC message accepted: a maximal value plus headroom.
 const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Still a bound (a peer resetting streams without end is cut off), sized for one connection
+/// carrying many groups.
+const MAX_PENDING_RESET_STREAMS: usize = 1024;
 /// How long a forwarded request may wait on the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -223,12 +227,23 @@ impl Node {
         let forwarder = Forwarder::new(peers.clone(), FORWARD_TIMEOUT);
         let kv =
             KvService::new(placement.clone(), forwarder.clone(), metrics.clone()).with_planted_bug(env.planted_bug);
-        let admin = AdminService::new(placement.clone(), peers, forwarder, metrics.clone());
+        let driver = Driver::new(
+            placement.clone(),
+            peers.clone(),
+            forwarder.clone(),
+            cfg.placement.clone(),
+        );
+        let admin = AdminService::new(placement.clone(), driver.clone(), peers, forwarder, metrics.clone());
         let peer = PeerService::new(registry);
 
         let mut rx = shutdown_rx.clone();
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // Peers multiplex every group's traffic on one connection, and requests there are
+            // cancelled routinely (a forward abandoned when the leader moves, a heartbeat
+            // superseded): h2's default of 20 pending reset streams before GOAWAY (its
+            // rapid-reset guard) then drops the whole connection and every request on it.
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
             .add_service(
                 KvServer::new(kv)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -254,20 +269,23 @@ impl Node {
         } else {
             cfg.initial_cluster.keys().copied().collect()
         };
-        if !cfg.join {
-            if meta.initialize(&cfg.initial_cluster).await? {
-                tracing::info!(members = ?cfg.initial_cluster, "bootstrapped a new cluster");
-            }
+        // The default keyspace's first shard is formed with the cluster, by the founders, and
+        // only then: a founder restarting later must not form it again (its replica may have
+        // moved away since). A founder that crashed between the two steps gets its replica from
+        // the reconciler, which opens bootstrap shards that name the node.
+        if !cfg.join && meta.initialize(&cfg.initial_cluster).await? {
+            tracing::info!(members = ?cfg.initial_cluster, "bootstrapped a new cluster");
             let default = replicas
                 .open(DEFAULT_GROUP, ShardState::whole_keyspace(DEFAULT_KEYSPACE, false))
                 .await?;
             default.initialize(&cfg.initial_cluster).await?;
         }
-        tasks.push(tokio::spawn(crate::placement::run(
+        tasks.push(tokio::spawn(crate::reconciler::run(
             placement,
             founders,
             shutdown_rx.clone(),
         )));
+        tasks.push(tokio::spawn(driver.run(shutdown_rx.clone())));
         tracing::info!(node_id = cfg.node_id, %listen, metrics = ?metrics_listen, "node serving");
         Ok(Node {
             cfg,

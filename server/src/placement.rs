@@ -19,19 +19,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use basalt_consensus::raft::RaftGroup;
-use basalt_consensus::{Replication, ReplicationError, Role};
+use basalt_consensus::{Replication, ReplicationError};
 use basalt_proto::keycodec::{self, DEFAULT_KEYSPACE, HASH_SPACE, MAX_KEYSPACE};
 use basalt_storage::{Command, ShardScan, ShardState, WriteRequest, WriteResponse};
-use tokio::sync::watch;
 
-use crate::catalog::{self, Catalog, KeyspaceDesc, ShardDesc, META_GROUP};
+use crate::catalog::{self, Catalog, KeyspaceDesc, ReplicaMove, ShardDesc, META_GROUP};
+use crate::load::LoadTracker;
 use crate::replicas::Replicas;
 
-/// How often the reconciler and the driver look at the catalog.
-const TICK: Duration = Duration::from_millis(200);
 /// Catalog transactions that lost a race are retried this many times on a fresh view.
 const TXN_ATTEMPTS: usize = 20;
 /// The most shards a keyspace may be created with.
@@ -60,6 +57,7 @@ pub struct Placement {
     replicas: Arc<Replicas>,
     /// The last catalog read, reused while the meta replica has applied nothing newer.
     cache: Arc<parking_lot::RwLock<Arc<Catalog>>>,
+    load: Arc<LoadTracker>,
 }
 
 impl Placement {
@@ -68,7 +66,17 @@ impl Placement {
             node_id,
             replicas,
             cache: Arc::default(),
+            load: Arc::default(),
         }
+    }
+
+    /// Request counts and sizes of the local replicas, for the driver's reports.
+    pub fn load(&self) -> &LoadTracker {
+        &self.load
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
     }
 
     pub fn replicas(&self) -> &Arc<Replicas> {
@@ -197,6 +205,7 @@ impl Placement {
                 shard: ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
                 replicas: founders.to_vec(),
                 bootstrap: true,
+                moving: None,
             });
             Ok(())
         })
@@ -273,6 +282,7 @@ impl Placement {
                     },
                     replicas,
                     bootstrap: true,
+                    moving: None,
                 });
             }
             Ok(ks)
@@ -321,16 +331,103 @@ impl Placement {
             if view.shards.contains_key(&new_group) {
                 return Ok(());
             }
+            // A move under way on the parent is under way on the child too: the child's group was
+            // born with the parent's membership, newcomer included if it had joined by then, so the
+            // driver finishes the move on both (each step is idempotent).
             let child = ShardDesc {
                 id: new_group,
                 shard: right.clone(),
                 replicas: p.replicas.clone(),
                 bootstrap: false,
+                moving: p.moving,
             };
             let mut p = p.clone();
             p.shard = left.clone();
             txn.put_shard(&p);
             txn.put_shard(&child);
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl Placement {
+    /// Step 1 of a replica move: names `to` as joining the shard, so its reconciler opens an
+    /// empty replica for the group to fill. Idempotent; refused while a different move is under
+    /// way on the shard.
+    pub async fn begin_move(&self, shard: u64, from: u64, to: u64) -> Result<ShardDesc, PlacementError> {
+        self.change(|view, txn| {
+            let Some(d) = view.shards.get(&shard) else {
+                return Err(PlacementError::NotFound(format!("shard {shard} does not exist")));
+            };
+            let want = ReplicaMove { from, to };
+            match d.moving {
+                Some(m) if m == want => return Ok(d.clone()),
+                Some(m) => {
+                    return Err(PlacementError::Conflict(format!(
+                        "shard {shard} is already moving a replica from node {} to node {}",
+                        m.from, m.to
+                    )))
+                }
+                None => {}
+            }
+            if !d.replicas.contains(&from) {
+                return Err(PlacementError::Invalid(format!(
+                    "node {from} holds no replica of shard {shard} (its replicas: {:?})",
+                    d.replicas
+                )));
+            }
+            if d.replicas.contains(&to) {
+                return Err(PlacementError::Invalid(format!(
+                    "node {to} already holds a replica of shard {shard}"
+                )));
+            }
+            let mut d = d.clone();
+            d.moving = Some(want);
+            txn.put_shard(&d);
+            Ok(d)
+        })
+        .await
+    }
+
+    /// Last step of a move, once the group has added `to` and removed `from`: the catalog says
+    /// so, and `from`'s reconciler may destroy its replica.
+    pub async fn finish_move(&self, shard: u64, m: ReplicaMove) -> Result<ShardDesc, PlacementError> {
+        self.change(|view, txn| {
+            let Some(d) = view.shards.get(&shard) else {
+                return Err(PlacementError::NotFound(format!("shard {shard} does not exist")));
+            };
+            if d.moving != Some(m) {
+                return Ok(d.clone()); // Finished (or aborted) already.
+            }
+            let mut d = d.clone();
+            d.replicas.retain(|r| *r != m.from);
+            if !d.replicas.contains(&m.to) {
+                d.replicas.push(m.to);
+                d.replicas.sort_unstable();
+            }
+            d.moving = None;
+            // The group's membership is no longer the one it was created with: initializing
+            // from this list would form a second group.
+            d.bootstrap = false;
+            txn.put_shard(&d);
+            Ok(d)
+        })
+        .await
+    }
+
+    /// Abandons a move whose newcomer is gone, after the group has dropped it again.
+    pub async fn abort_move(&self, shard: u64, m: ReplicaMove) -> Result<(), PlacementError> {
+        self.change(|view, txn| {
+            let Some(d) = view.shards.get(&shard) else {
+                return Ok(());
+            };
+            if d.moving != Some(m) {
+                return Ok(());
+            }
+            let mut d = d.clone();
+            d.moving = None;
+            txn.put_shard(&d);
             Ok(())
         })
         .await
@@ -410,7 +507,8 @@ pub fn split_point(shard: &ShardState, at: &[u8], local: Option<&Arc<RaftGroup>>
     Ok(shard.data_key(&page.kvs[page.kvs.len() / 2].0))
 }
 
-fn hash_of_bound(shard: &ShardState, bound: &[u8]) -> u32 {
+/// The hash value a bound of a hash shard stands for (0 and [`HASH_SPACE`] at the keyspace's ends).
+pub fn hash_of_bound(shard: &ShardState, bound: &[u8]) -> u32 {
     let (ks_start, ks_end) = keycodec::keyspace_range(shard.keyspace);
     if bound <= ks_start.as_slice() {
         0
@@ -443,62 +541,4 @@ pub async fn propose_split(
             "the group answered {other:?} to a split"
         ))),
     }
-}
-
-/// Runs the reconciler (every node) and the driver's housekeeping (the meta leader) until
-/// `shutdown` fires.
-pub async fn run(placement: Placement, founders: Vec<u64>, mut shutdown: watch::Receiver<bool>) {
-    let mut seen = u64::MAX;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
-            _ = shutdown.changed() => return,
-        }
-        let meta = placement.meta();
-        if meta.status().role == Role::Leader && !founders.is_empty() {
-            if let Err(e) = placement.ensure_default_keyspace(&founders).await {
-                tracing::debug!(error = %e, "recording the default keyspace");
-            }
-        }
-        let applied = meta.reader().applied_index();
-        if applied == seen {
-            continue;
-        }
-        match reconcile(&placement).await {
-            Ok(()) => seen = applied,
-            Err(e) => tracing::warn!(error = %e, "reconciling replicas with the catalog"),
-        }
-    }
-}
-
-/// Opens the replicas new shards assign to this node and destroys those of dropped keyspaces.
-async fn reconcile(p: &Placement) -> Result<(), PlacementError> {
-    let view = p.catalog()?;
-    let addrs = p.addresses();
-    for s in view.shards.values() {
-        if !s.bootstrap || !s.replicas.contains(&p.node_id) || p.replicas.get(s.id).is_some() {
-            continue;
-        }
-        let members: BTreeMap<u64, String> = s
-            .replicas
-            .iter()
-            .filter_map(|id| addrs.get(id).map(|a| (*id, a.clone())))
-            .collect();
-        if members.len() != s.replicas.len() {
-            continue; // A member's address is not known here yet; the next tick retries.
-        }
-        let g = p.replicas.open(s.id, s.shard.clone()).await?;
-        g.initialize(&members).await?;
-        tracing::info!(
-            group = s.id,
-            keyspace = s.shard.keyspace,
-            "created replica of a new shard"
-        );
-    }
-    for (group, shard) in p.replicas.shards() {
-        if group != META_GROUP && view.dropped(shard.keyspace) {
-            p.replicas.destroy(group).await?;
-        }
-    }
-    Ok(())
 }

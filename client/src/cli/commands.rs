@@ -17,9 +17,9 @@ use crate::cli::args::{
 };
 use crate::cli::exit::{CliError, Output};
 use crate::cli::format::{
-    cas_failed_line, cluster_status_json, cluster_status_table, keyspace_created_line, keyspace_description_json,
-    keyspace_description_table, keyspaces_json, keyspaces_table, kv_lines, shard_moved_line, shard_split_line,
-    shards_json, shards_table, value_line, ByteStyle,
+    cas_failed_line, cluster_status_table, cluster_status_with_placement_json, keyspace_created_line,
+    keyspace_description_json, keyspace_description_table, keyspaces_json, keyspaces_table, kv_lines, placement_table,
+    shard_moved_line, shard_split_line, shards_json, shards_table, value_line, ByteStyle,
 };
 use crate::cli::scan::{self, KeyRange};
 use crate::client::{Client, Expect};
@@ -67,9 +67,14 @@ pub async fn execute(client: &Client, cli: &Cli) -> Result<Output, CliError> {
             command: ClusterCommand::Status { output },
         } => {
             let status = client.cluster_status().await?;
-            Ok(Output::ok(match output {
-                OutputFormat::Table => cluster_status_table(&status),
-                OutputFormat::Json => cluster_status_json(&status),
+            // The driver's view needs the meta leader; without one the members still show.
+            let placement = client.placement_status().await.ok();
+            Ok(Output::ok(match (output, &placement) {
+                (OutputFormat::Table, None) => cluster_status_table(&status),
+                (OutputFormat::Table, Some(p)) => {
+                    format!("{}\n{}", cluster_status_table(&status), placement_table(p, 20))
+                }
+                (OutputFormat::Json, p) => cluster_status_with_placement_json(&status, p.as_ref()),
             }))
         }
         Command::Member {

@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, Role, Shard};
+use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, PlacementStatusResponse, Role, Shard};
 use serde::Serialize;
 
 use crate::client::{KeyspaceDescription, ShardSplit, Sharding};
@@ -86,6 +86,67 @@ struct StatusJson<'a> {
     leader_id: u64,
     members: Vec<MemberJson<'a>>,
     commit_index: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    placement: Option<PlacementJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct PlacementJson<'a> {
+    driver_node: u64,
+    nodes: Vec<NodePlacementJson<'a>>,
+    steps: Vec<StepJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct NodePlacementJson<'a> {
+    node_id: u64,
+    state: &'a str,
+    replicas: u32,
+    leaders: u32,
+}
+
+#[derive(Serialize)]
+struct StepJson<'a> {
+    kind: &'a str,
+    shard_id: u64,
+    from_node: u64,
+    to_node: u64,
+    state: &'a str,
+    detail: &'a str,
+    started_at_ms: u64,
+    finished_at_ms: u64,
+}
+
+impl<'a> PlacementJson<'a> {
+    fn new(p: &'a PlacementStatusResponse) -> Self {
+        Self {
+            driver_node: p.driver_node,
+            nodes: p
+                .nodes
+                .iter()
+                .map(|n| NodePlacementJson {
+                    node_id: n.node_id,
+                    state: &n.state,
+                    replicas: n.replicas,
+                    leaders: n.leaders,
+                })
+                .collect(),
+            steps: p
+                .steps
+                .iter()
+                .map(|s| StepJson {
+                    kind: &s.kind,
+                    shard_id: s.shard_id,
+                    from_node: s.from_node,
+                    to_node: s.to_node,
+                    state: &s.state,
+                    detail: &s.detail,
+                    started_at_ms: s.started_at_ms,
+                    finished_at_ms: s.finished_at_ms,
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -100,7 +161,13 @@ struct MemberJson<'a> {
 
 /// `cluster status -o json`: one line of JSON,
 /// `{"leader_id":..,"members":[{"id","address","role","term","applied_index","voter"}],"commit_index":..}`.
-pub fn cluster_status_json(status: &ClusterStatusResponse) -> String {
+/// With the placement driver's view (when the meta leader answered) the document also has
+/// `"placement":{"driver_node","nodes":[{"node_id","state","replicas","leaders"}],
+/// "steps":[{"kind","shard_id","from_node","to_node","state","detail","started_at_ms","finished_at_ms"}]}`.
+pub fn cluster_status_with_placement_json(
+    status: &ClusterStatusResponse,
+    placement: Option<&PlacementStatusResponse>,
+) -> String {
     let doc = StatusJson {
         leader_id: status.leader_id,
         members: status
@@ -116,8 +183,51 @@ pub fn cluster_status_json(status: &ClusterStatusResponse) -> String {
             })
             .collect(),
         commit_index: status.commit_index,
+        placement: placement.map(PlacementJson::new),
     };
     json_line(&doc)
+}
+
+/// The placement part of `cluster status -o table`: a table of nodes (STATE, REPLICAS,
+/// LEADERS) and one of the driver's steps, running first, then the most recent (at most
+/// `max_steps`).
+pub fn placement_table(p: &PlacementStatusResponse, max_steps: usize) -> String {
+    let nodes: Vec<Vec<String>> = std::iter::once(["NODE", "STATE", "REPLICAS", "LEADERS"].map(String::from).to_vec())
+        .chain(p.nodes.iter().map(|n| {
+            vec![
+                n.node_id.to_string(),
+                n.state.clone(),
+                n.replicas.to_string(),
+                n.leaders.to_string(),
+            ]
+        }))
+        .collect();
+    let mut out = format!("placement driver on node {}\n", p.driver_node);
+    out.push_str(&render_table(&nodes));
+    if p.steps.is_empty() {
+        out.push_str("no placement steps yet\n");
+        return out;
+    }
+    let node = |n: u64| if n == 0 { "-".to_owned() } else { n.to_string() };
+    let steps: Vec<Vec<String>> = std::iter::once(
+        ["STEP", "SHARD", "FROM", "TO", "STATE", "DETAIL"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .chain(p.steps.iter().take(max_steps).map(|s| {
+        vec![
+            s.kind.clone(),
+            s.shard_id.to_string(),
+            node(s.from_node),
+            node(s.to_node),
+            s.state.clone(),
+            s.detail.clone(),
+        ]
+    }))
+    .collect();
+    out.push('\n');
+    out.push_str(&render_table(&steps));
+    out
 }
 
 /// `cluster status -o table`: aligned columns, one member per row, sorted by id.
@@ -242,7 +352,15 @@ struct ShardJson<'a> {
     replicas: Vec<ReplicaJson<'a>>,
     leader_id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    moving: Option<MovingJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     stats: Option<ShardStatsJson>,
+}
+
+#[derive(Serialize)]
+struct MovingJson {
+    from_node: u64,
+    to_node: u64,
 }
 
 #[derive(Serialize)]
@@ -276,6 +394,10 @@ impl<'a> ShardJson<'a> {
                 })
                 .collect(),
             leader_id: shard.leader_id,
+            moving: (shard.moving_to != 0).then_some(MovingJson {
+                from_node: shard.moving_from,
+                to_node: shard.moving_to,
+            }),
             stats: with_stats.then_some(ShardStatsJson {
                 applied_index: shard.applied_index,
                 approximate_bytes: shard.approximate_bytes,
@@ -323,7 +445,7 @@ pub fn keyspaces_json(keyspaces: &[Keyspace]) -> String {
 /// `shard list -o table`: ID, KEYSPACE, RANGE, EPOCH, REPLICAS (node ids), LEADER (`-` when
 /// unknown), and with `--stats` APPLIED, BYTES and KEYS; sorted by keyspace, then range.
 pub fn shards_table(shards: &[Shard], with_stats: bool) -> String {
-    let mut header = ["ID", "KEYSPACE", "RANGE", "EPOCH", "REPLICAS", "LEADER"]
+    let mut header = ["ID", "KEYSPACE", "RANGE", "EPOCH", "REPLICAS", "LEADER", "STATE"]
         .map(String::from)
         .to_vec();
     if with_stats {
@@ -341,6 +463,7 @@ pub fn shards_table(shards: &[Shard], with_stats: bool) -> String {
                     0 => "-".to_owned(),
                     id => id.to_string(),
                 },
+                shard_state(shard),
             ];
             if with_stats {
                 row.extend([
@@ -353,6 +476,14 @@ pub fn shards_table(shards: &[Shard], with_stats: bool) -> String {
         }))
         .collect();
     render_table(&rows)
+}
+
+/// A shard's step in progress: `moving 3->5`, or `-`.
+fn shard_state(shard: &Shard) -> String {
+    match (shard.moving_from, shard.moving_to) {
+        (0, 0) => "-".to_owned(),
+        (from, to) => format!("moving {from}->{to}"),
+    }
 }
 
 /// `shard list -o json`: one line, `{"shards":[{"id","keyspace","keyspace_id","start","end",
@@ -493,7 +624,7 @@ ID  ADDRESS                ROLE         TERM  APPLIED  VOTER
 
     #[test]
     fn json_has_the_documented_shape() {
-        let line = cluster_status_json(&status());
+        let line = cluster_status_with_placement_json(&status(), None);
         assert!(line.ends_with('\n') && !line.trim_end().contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&line).expect("output is JSON");
         assert_eq!(v["leader_id"], 2);
@@ -530,6 +661,8 @@ ID  ADDRESS                ROLE         TERM  APPLIED  VOTER
             applied_index: 100 + id,
             approximate_bytes: 4096,
             approximate_keys: 12,
+            moving_from: 0,
+            moving_to: 0,
         }
     }
 

@@ -212,6 +212,45 @@ impl RaftGroup {
             .map_err(|e| ReplicationError::Stopped(e.to_string()))
     }
 
+    /// Builds a snapshot of everything applied so far and purges the log up to it, so that a
+    /// replica added next starts from that snapshot rather than by replaying the log.
+    ///
+    /// A newcomer must not replay from the group's first entry: a group born from a split has no
+    /// log for the data it inherited (its history starts at the split), and a replica opened
+    /// with the catalog's current range would refuse, as out of range, the writes and splits the
+    /// older entries describe, ending with a state that differs from its peers'. The snapshot
+    /// carries the range along with the data. Followers that lag behind the purge point catch up
+    /// by snapshot too, which costs bandwidth but never correctness.
+    pub async fn compact_for_newcomer(&self) -> Result<(), ReplicationError> {
+        let target = self.reader.applied_index();
+        self.trigger_snapshot().await?;
+        let snapshot_index = self
+            .raft
+            .wait(Some(self.cfg.request_timeout))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= target),
+                "a snapshot covering the applied state",
+            )
+            .await
+            .map_err(|e| ReplicationError::QuorumUnavailable(format!("waiting for a snapshot: {e}")))?
+            .snapshot
+            .map_or(0, |s| s.index);
+        self.raft
+            .trigger()
+            .purge_log(snapshot_index)
+            .await
+            .map_err(|f| self.fatal(f))?;
+        self.raft
+            .wait(Some(self.cfg.request_timeout))
+            .metrics(
+                |m| m.purged.is_some_and(|p| p.index >= snapshot_index),
+                "the log purged up to the snapshot",
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| ReplicationError::QuorumUnavailable(format!("waiting for the log purge: {e}")))
+    }
+
     fn leader_addr(&self, id: u64) -> Option<String> {
         let m = self.raft.metrics();
         let m = m.borrow_watched();

@@ -120,6 +120,11 @@ pub struct Load {
 
 impl Load {
     pub fn start(client: &Client, writers: usize, tag: &str) -> Load {
+        Self::start_sized(client, writers, tag, 0)
+    }
+
+    /// Like [`Load::start`], with each value padded to at least `value_len` bytes.
+    pub fn start_sized(client: &Client, writers: usize, tag: &str, value_len: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
         for w in 0..writers {
@@ -131,7 +136,11 @@ impl Load {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let key = Bytes::from(format!("{tag}-w{w:02}-{n:06}"));
-                    let value = Bytes::from(format!("value {n} of writer {w} ({tag})"));
+                    let mut value = format!("value {n} of writer {w} ({tag})");
+                    if value.len() < value_len {
+                        value.push_str(&".".repeat(value_len - value.len()));
+                    }
+                    let value = Bytes::from(value);
                     match client.put(key.clone(), value.clone()).await {
                         Ok(()) => {
                             r.acked.insert(key, value);

@@ -413,6 +413,7 @@ fn node_config(
         heartbeat_interval: scaled(DEFAULT_HEARTBEAT_INTERVAL),
         election_timeout_min: scaled(DEFAULT_ELECTION_TIMEOUT_MIN),
         election_timeout_max: scaled(DEFAULT_ELECTION_TIMEOUT_MAX),
+        placement: Default::default(),
     }
 }
 

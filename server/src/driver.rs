@@ -1,0 +1,849 @@
+//! The placement driver: on the meta group's leader, the loop that keeps shards healthy, sized
+//! and spread (TiKV's PD, CockroachDB's replicate and split queues, in one place).
+//!
+//! Every round ([`PlacementConfig::interval`]) it asks every member for a report (its replicas,
+//! which it leads, their sizes and request rates; see [`crate::load`]) and then decides its
+//! steps, in this order of urgency (steps 1 and 2 exclude the rest of the round; steps 3 to 5
+//! each contribute at most one step, on distinct shards):
+//!
+//! 1. **Finish moves** the catalog records as under way (a previous driver may have died
+//!    midway), or abandon those whose newcomer is gone.
+//! 2. **Re-replicate**: a replica on a node that is no longer a member, or that has not
+//!    reported for [`PlacementConfig::dead_after`], is moved to the live member holding the
+//!    fewest replicas.
+//! 3. **Split** a shard whose leader reports more than [`PlacementConfig::split_bytes`] of data,
+//!    or more than [`PlacementConfig::split_qps`] requests per second in two reports running.
+//! 4. **Rebalance replicas**: while the live members' replica counts differ by 2 or more, move one
+//!    replica from the fullest node to the emptiest (a node that joined gets its share this way).
+//! 5. **Balance leaders** the same way, by leadership transfers.
+//!
+//! Why so few steps per round: steps compete for the same shards (a split of a shard being
+//! moved, a rebalance that undoes a repair), and a round is short, so "most urgent first, then
+//! look again" converges without the driver reasoning about interactions. Repairs are the
+//! exception (up to [`MAX_PARALLEL_STEPS`] at once, on distinct shards): a dead node's replicas
+//! are the cluster's exposure. Splits and balancing share a round because under a steady load
+//! some shard is always due a split, and balancing must not wait for that to end.
+//!
+//! The driver keeps no state that matters for safety: moves are recorded in the catalog before
+//! they start, splits are guarded by the shard's epoch, and everything else it holds (reports,
+//! liveness, the step history shown by `basaltctl cluster status`) is advisory and rebuilt by a
+//! new leader. A new driver treats every member as live until `dead_after` has passed since it
+//! took over, so a leader change never makes healthy nodes look dead.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use basalt_consensus::raft::network::PeerClients;
+use basalt_consensus::{Replication, Role};
+use basalt_proto::v1::admin_client::AdminClient;
+use basalt_proto::v1::{
+    NodePlacement, NodeReportRequest, NodeReportResponse, PlacementStatusResponse, PlacementStep, SplitShardRequest,
+    TransferShardLeaderRequest,
+};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tonic::Request;
+
+use crate::catalog::{Catalog, ReplicaMove, ShardDesc, META_GROUP};
+use crate::forward::Forwarder;
+use crate::placement::Placement;
+use crate::replica_move;
+
+/// Steps of one kind run together on at most this many shards.
+pub const MAX_PARALLEL_STEPS: usize = 4;
+/// Steps kept for `cluster status`.
+const HISTORY: usize = 64;
+/// How long one member's report may take.
+const REPORT_TIMEOUT: Duration = Duration::from_millis(800);
+/// How long a driver-issued split or leader transfer may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one step sent to a shard's leader may take: adding a replica includes building and
+/// sending a snapshot and catching up (bounded there by `NEWCOMER_TIMEOUT`, 60 s).
+pub const PLACEMENT_STEP_TIMEOUT: Duration = Duration::from_secs(75);
+/// A new driver balances leaders only after this long: shards are still electing before.
+const LEADER_BALANCE_GRACE: Duration = Duration::from_secs(10);
+/// Reports in a row over the load threshold before a shard is split for load.
+const HOT_REPORTS: u32 = 2;
+
+/// The driver's knobs (flags of `basaltd`; see `config.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlacementConfig {
+    pub interval: Duration,
+    /// Split a shard holding more than this many bytes (keys and values); 0 disables.
+    pub split_bytes: u64,
+    /// Split a shard serving more than this many requests per second; 0 disables.
+    pub split_qps: u64,
+    /// A member that has not reported for this long is dead: its replicas are re-created.
+    pub dead_after: Duration,
+    /// Move replicas and leaders to even out the nodes.
+    pub rebalance: bool,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            split_bytes: 64 << 20,
+            split_qps: 2_000,
+            dead_after: Duration::from_secs(60),
+            rebalance: true,
+        }
+    }
+}
+
+#[derive(Default)]
+struct DriverState {
+    /// When this node became the driver (None while it is not the meta leader).
+    leading_since: Option<Instant>,
+    last_seen: HashMap<u64, Instant>,
+    reports: HashMap<u64, NodeReportResponse>,
+    /// Shard → reports in a row over the load threshold.
+    hot: HashMap<u64, u32>,
+    steps: VecDeque<PlacementStep>,
+}
+
+pub struct Driver {
+    placement: Placement,
+    peers: PeerClients,
+    forwarder: Forwarder,
+    cfg: PlacementConfig,
+    state: Mutex<DriverState>,
+}
+
+/// What the driver decided to do in a round.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Move {
+        shard: u64,
+        m: ReplicaMove,
+        why: String,
+    },
+    Abort {
+        shard: u64,
+        m: ReplicaMove,
+        why: String,
+    },
+    Split {
+        shard: u64,
+        why: String,
+    },
+    TransferLeader {
+        shard: u64,
+        from: u64,
+        to: u64,
+        why: String,
+    },
+}
+
+impl Step {
+    fn shard(&self) -> u64 {
+        match self {
+            Step::Move { shard, .. }
+            | Step::Abort { shard, .. }
+            | Step::Split { shard, .. }
+            | Step::TransferLeader { shard, .. } => *shard,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Driver {
+    pub fn new(placement: Placement, peers: PeerClients, forwarder: Forwarder, cfg: PlacementConfig) -> Arc<Self> {
+        Arc::new(Self {
+            placement,
+            peers,
+            forwarder: forwarder.with_timeout(PLACEMENT_STEP_TIMEOUT),
+            cfg,
+            state: Mutex::new(DriverState::default()),
+        })
+    }
+
+    pub fn config(&self) -> &PlacementConfig {
+        &self.cfg
+    }
+
+    /// Runs rounds until `shutdown` fires; a round does nothing unless this node leads the meta
+    /// group.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.interval) => {}
+                _ = shutdown.changed() => return,
+            }
+            if self.placement.meta().status().role != Role::Leader {
+                let mut st = self.state.lock();
+                st.leading_since = None;
+                st.reports.clear();
+                continue;
+            }
+            self.round().await;
+        }
+    }
+
+    async fn round(&self) {
+        let members = self.placement.addresses();
+        {
+            let mut st = self.state.lock();
+            if st.leading_since.is_none() {
+                let now = Instant::now();
+                st.leading_since = Some(now);
+                st.last_seen = members.keys().map(|id| (*id, now)).collect();
+                st.hot.clear();
+                tracing::info!("placement driver started on this node");
+            }
+        }
+        self.collect_reports(&members).await;
+        let cat = match self.placement.catalog() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "placement driver could not read the catalog");
+                return;
+            }
+        };
+        let steps = {
+            let mut st = self.state.lock();
+            let live = self.live_members(&st, &members);
+            plan(&cat, &members, &live, &mut st, &self.cfg)
+        };
+        if steps.is_empty() {
+            return;
+        }
+        let runs = steps.into_iter().map(|s| self.execute(s));
+        futures::future::join_all(runs).await;
+    }
+
+    async fn collect_reports(&self, members: &BTreeMap<u64, String>) {
+        let asks = members.iter().map(|(id, addr)| async move {
+            let ch = self.peers.channel(addr).ok()?;
+            let mut req = Request::new(NodeReportRequest {});
+            req.set_timeout(REPORT_TIMEOUT);
+            let r = tokio::time::timeout(REPORT_TIMEOUT, AdminClient::new(ch).node_report(req)).await;
+            match r {
+                Ok(Ok(r)) => Some((*id, r.into_inner())),
+                Ok(Err(e)) => {
+                    tracing::debug!(node = id, error = %e, "no report");
+                    None
+                }
+                Err(_) => None,
+            }
+        });
+        let got = futures::future::join_all(asks).await;
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        st.reports.retain(|id, _| members.contains_key(id));
+        for (id, report) in got.into_iter().flatten() {
+            st.last_seen.insert(id, now);
+            st.reports.insert(id, report);
+        }
+    }
+
+    /// Members that reported within `dead_after` (or since this driver started, if sooner).
+    fn live_members(&self, st: &DriverState, members: &BTreeMap<u64, String>) -> Vec<u64> {
+        let since = st.leading_since.unwrap_or_else(Instant::now);
+        members
+            .keys()
+            .copied()
+            .filter(|id| {
+                let seen = st.last_seen.get(id).copied().unwrap_or(since);
+                seen.elapsed() < self.cfg.dead_after
+            })
+            .collect()
+    }
+
+    fn record(&self, step: &Step, state: &str, detail: String) {
+        let (kind, shard, from, to) = match step {
+            Step::Move { shard, m, .. } => ("move", *shard, m.from, m.to),
+            Step::Abort { shard, m, .. } => ("abandon-move", *shard, m.from, m.to),
+            Step::Split { shard, .. } => ("split", *shard, 0, 0),
+            Step::TransferLeader { shard, from, to, .. } => ("leader-transfer", *shard, *from, *to),
+        };
+        let mut st = self.state.lock();
+        let running = st
+            .steps
+            .iter_mut()
+            .find(|s| s.state == "running" && s.kind == kind && s.shard_id == shard);
+        match running {
+            Some(s) => {
+                s.state = state.to_string();
+                s.detail = detail;
+                s.finished_at_ms = now_ms();
+            }
+            None => {
+                st.steps.push_front(PlacementStep {
+                    kind: kind.to_string(),
+                    shard_id: shard,
+                    from_node: from,
+                    to_node: to,
+                    state: state.to_string(),
+                    detail,
+                    started_at_ms: now_ms(),
+                    finished_at_ms: 0,
+                });
+                st.steps.truncate(HISTORY);
+            }
+        }
+    }
+
+    async fn execute(&self, step: Step) {
+        let why = match &step {
+            Step::Move { why, .. } | Step::Abort { why, .. } | Step::Split { why, .. } => why.clone(),
+            Step::TransferLeader { why, .. } => why.clone(),
+        };
+        self.record(&step, "running", why.clone());
+        tracing::info!(?step, "placement step");
+        let result: Result<(), String> = match &step {
+            Step::Move { shard, m, .. } => {
+                let r = match self
+                    .placement
+                    .catalog()
+                    .ok()
+                    .and_then(|c| c.shards.get(shard).and_then(|d| d.moving))
+                {
+                    Some(current) if current == *m => {
+                        replica_move::continue_move(&self.placement, &self.forwarder, *shard, *m).await
+                    }
+                    _ => replica_move::move_replica(&self.placement, &self.forwarder, *shard, m.from, m.to).await,
+                };
+                r.map(|_| ()).map_err(|e| e.to_string())
+            }
+            Step::Abort { shard, m, .. } => replica_move::abort_move(&self.placement, &self.forwarder, *shard, *m)
+                .await
+                .map_err(|e| e.to_string()),
+            Step::Split { shard, .. } => self.split(*shard).await,
+            Step::TransferLeader { shard, from, to, .. } => self.transfer_leader(*shard, *from, *to).await,
+        };
+        match result {
+            Ok(()) => self.record(&step, "done", why),
+            Err(e) => {
+                tracing::warn!(?step, error = %e, "placement step failed");
+                self.record(&step, "failed", e);
+            }
+        }
+    }
+
+    /// Splits through this node's own Admin service (`SplitShard`), the one implementation of the
+    /// split protocol, at the address the cluster knows this node by.
+    async fn split(&self, shard: u64) -> Result<(), String> {
+        let me = self.placement.node_id();
+        let addr = self
+            .placement
+            .addresses()
+            .get(&me)
+            .cloned()
+            .ok_or_else(|| format!("node {me} is not a member"))?;
+        let ch = self.peers.channel(&addr).map_err(|e| e.to_string())?;
+        let mut req = Request::new(SplitShardRequest {
+            shard_id: shard,
+            ..Default::default()
+        });
+        req.set_timeout(STEP_TIMEOUT);
+        AdminClient::new(ch)
+            .split_shard(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    }
+
+    async fn transfer_leader(&self, shard: u64, from: u64, to: u64) -> Result<(), String> {
+        let addr = self
+            .placement
+            .addresses()
+            .get(&from)
+            .cloned()
+            .ok_or_else(|| format!("node {from} is no longer a member"))?;
+        let ch = self.peers.channel(&addr).map_err(|e| e.to_string())?;
+        let mut req = Request::new(TransferShardLeaderRequest {
+            shard_id: shard,
+            to_node: to,
+        });
+        req.set_timeout(STEP_TIMEOUT);
+        AdminClient::new(ch)
+            .transfer_shard_leader(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    }
+
+    /// The driver's view for `basaltctl cluster status`.
+    pub fn status(&self, node_id: u64) -> PlacementStatusResponse {
+        let members = self.placement.addresses();
+        let cat = self.placement.cached().ok();
+        let st = self.state.lock();
+        let live = self.live_members(&st, &members);
+        let mut replicas: BTreeMap<u64, u32> = members.keys().map(|id| (*id, 0)).collect();
+        if let Some(cat) = &cat {
+            for r in cat.shards.values().flat_map(|d| &d.replicas) {
+                *replicas.entry(*r).or_default() += 1;
+            }
+        }
+        let nodes = replicas
+            .into_iter()
+            .map(|(id, count)| NodePlacement {
+                node_id: id,
+                replicas: count,
+                leaders: st
+                    .reports
+                    .get(&id)
+                    .map_or(0, |r| r.shards.iter().filter(|s| s.leader).count() as u32),
+                state: if !members.contains_key(&id) {
+                    "removed"
+                } else if live.contains(&id) {
+                    "live"
+                } else {
+                    "dead"
+                }
+                .to_string(),
+                last_report_ms: st
+                    .last_seen
+                    .get(&id)
+                    .map_or(u64::MAX, |t| t.elapsed().as_millis() as u64),
+            })
+            .collect();
+        let mut steps: Vec<PlacementStep> = st.steps.iter().cloned().collect();
+        steps.sort_by_key(|s| (s.state != "running", std::cmp::Reverse(s.started_at_ms)));
+        PlacementStatusResponse {
+            header: None,
+            driver_node: if st.leading_since.is_some() { node_id } else { 0 },
+            nodes,
+            steps,
+        }
+    }
+}
+
+/// The shards counted against each node: its replicas, plus those it is receiving.
+fn replica_counts(cat: &Catalog, nodes: &[u64]) -> BTreeMap<u64, usize> {
+    let mut counts: BTreeMap<u64, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+    for d in cat.shards.values().filter(|d| d.id != META_GROUP) {
+        for r in d.replicas.iter().chain(d.moving.iter().map(|m| &m.to)) {
+            if let Some(c) = counts.get_mut(r) {
+                *c += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// The live node without a replica of `d` that holds the fewest replicas (ties by id).
+fn emptiest_target(d: &ShardDesc, counts: &BTreeMap<u64, usize>) -> Option<u64> {
+    counts
+        .iter()
+        .filter(|(n, _)| !d.names(**n))
+        .min_by_key(|(n, c)| (**c, **n))
+        .map(|(n, _)| *n)
+}
+
+/// Decides this round's steps (see the module docs for the order). Pure but for `st.hot`, the
+/// load streaks it updates, so it is tested without a cluster.
+fn plan(
+    cat: &Catalog,
+    members: &BTreeMap<u64, String>,
+    live: &[u64],
+    st: &mut DriverState,
+    cfg: &PlacementConfig,
+) -> Vec<Step> {
+    let data: Vec<&ShardDesc> = cat.shards.values().filter(|d| d.id != META_GROUP).collect();
+    let is_live = |n: &u64| live.contains(n);
+
+    // 1. Moves under way.
+    let mut steps: Vec<Step> = data
+        .iter()
+        .filter_map(|d| {
+            let m = d.moving?;
+            if is_live(&m.to) {
+                Some(Step::Move {
+                    shard: d.id,
+                    m,
+                    why: "finishing a move under way".into(),
+                })
+            } else {
+                Some(Step::Abort {
+                    shard: d.id,
+                    m,
+                    why: format!("node {} is no longer live", m.to),
+                })
+            }
+        })
+        .take(MAX_PARALLEL_STEPS)
+        .collect();
+    if !steps.is_empty() {
+        return steps;
+    }
+
+    // 2. Re-replication.
+    let mut counts = replica_counts(cat, live);
+    for d in &data {
+        if steps.len() == MAX_PARALLEL_STEPS {
+            break;
+        }
+        let Some(lost) = d.replicas.iter().copied().find(|r| !is_live(r)) else {
+            continue;
+        };
+        let Some(to) = emptiest_target(d, &counts) else {
+            continue; // Nowhere to go: as many replicas as live nodes already.
+        };
+        *counts.entry(to).or_default() += 1;
+        let why = if members.contains_key(&lost) {
+            format!("node {lost} has not reported for {:?}", cfg.dead_after)
+        } else {
+            format!("node {lost} was removed from the cluster")
+        };
+        steps.push(Step::Move {
+            shard: d.id,
+            m: ReplicaMove { from: lost, to },
+            why,
+        });
+    }
+    if !steps.is_empty() {
+        return steps;
+    }
+
+    // 3. Splits, judged on each shard's leader's report.
+    let mut leaders: BTreeMap<u64, (u64, &basalt_proto::v1::ShardLoad)> = BTreeMap::new();
+    for (node, report) in &st.reports {
+        for s in report.shards.iter().filter(|s| s.leader) {
+            leaders.insert(s.shard_id, (*node, s));
+        }
+    }
+    let mut hot_now = HashMap::new();
+    for d in &data {
+        let Some((_, load)) = leaders.get(&d.id) else { continue };
+        if cfg.split_qps > 0 && load.requests_per_second > cfg.split_qps as f64 {
+            hot_now.insert(d.id, st.hot.get(&d.id).copied().unwrap_or(0) + 1);
+        }
+    }
+    st.hot = hot_now;
+    for d in &data {
+        let Some((_, load)) = leaders.get(&d.id) else { continue };
+        if load.epoch != d.shard.epoch {
+            continue; // The catalog has not caught up with a split of this shard yet.
+        }
+        let why = if cfg.split_bytes > 0 && load.approximate_bytes > cfg.split_bytes {
+            format!(
+                "{} bytes, over the split size {}",
+                load.approximate_bytes, cfg.split_bytes
+            )
+        } else if st.hot.get(&d.id).copied().unwrap_or(0) >= HOT_REPORTS {
+            format!(
+                "{:.0} requests/s, over the split load {}",
+                load.requests_per_second, cfg.split_qps
+            )
+        } else {
+            continue;
+        };
+        if d.shard.hashed && hash_width(d) < 2 {
+            continue;
+        }
+        st.hot.remove(&d.id);
+        steps.push(Step::Split { shard: d.id, why });
+        break;
+    }
+    // Splits never wait for balancing or the reverse (under a steady load some shard is always
+    // due a split), so one of each may run in a round, on different shards.
+    let splitting: Vec<u64> = steps.iter().map(Step::shard).collect();
+    if !cfg.rebalance || live.len() < 2 {
+        return steps;
+    }
+    // 4. Replica balance.
+    let counts = replica_counts(cat, live);
+    if let (Some((&full, &most)), Some((&empty, &least))) = (
+        counts.iter().max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n))),
+        counts.iter().min_by_key(|(n, c)| (**c, **n)),
+    ) {
+        if most >= least + 2 {
+            if let Some(d) = data.iter().find(|d| {
+                d.moving.is_none() && d.replicas.contains(&full) && !d.names(empty) && !splitting.contains(&d.id)
+            }) {
+                steps.push(Step::Move {
+                    shard: d.id,
+                    m: ReplicaMove { from: full, to: empty },
+                    why: format!("node {full} holds {most} replicas, node {empty} {least}"),
+                });
+            }
+        }
+    }
+    // 5. Leader balance, among the shards whose leader reported.
+    let mut led: BTreeMap<u64, Vec<u64>> = live.iter().map(|n| (*n, Vec::new())).collect();
+    for (shard, (node, _)) in &leaders {
+        if *shard != META_GROUP {
+            if let Some(v) = led.get_mut(node) {
+                v.push(*shard);
+            }
+        }
+    }
+    let (Some((&busy, busy_shards)), Some((&idle, idle_shards))) = (
+        led.iter().max_by_key(|(n, v)| (v.len(), std::cmp::Reverse(**n))),
+        led.iter().min_by_key(|(n, v)| (v.len(), **n)),
+    ) else {
+        return steps;
+    };
+    // Leadership moves cost a short pause on the shard, so only a clear excess is corrected: the
+    // busiest node leads more than its even share and 2 more than the idlest. Right after a
+    // driver starts, shards are still electing; their leaders settle first.
+    let total: usize = led.values().map(Vec::len).sum();
+    let even_share = total.div_ceil(led.len().max(1));
+    let settled = st.leading_since.is_some_and(|t| t.elapsed() >= LEADER_BALANCE_GRACE);
+    if !settled || busy_shards.len() <= even_share || busy_shards.len() < idle_shards.len() + 2 {
+        return steps;
+    }
+    let busy_now: Vec<u64> = steps.iter().map(Step::shard).collect();
+    let candidate = busy_shards.iter().find(|s| {
+        !busy_now.contains(s)
+            && cat
+                .shards
+                .get(s)
+                .is_some_and(|d| d.moving.is_none() && d.replicas.contains(&idle))
+    });
+    if let Some(&shard) = candidate {
+        steps.push(Step::TransferLeader {
+            shard,
+            from: busy,
+            to: idle,
+            why: format!(
+                "node {busy} leads {} shards, node {idle} {}",
+                busy_shards.len(),
+                idle_shards.len()
+            ),
+        });
+    }
+    steps
+}
+
+/// How many hash values a hash shard covers (a shard of one value cannot split).
+fn hash_width(d: &ShardDesc) -> u32 {
+    let lo = crate::placement::hash_of_bound(&d.shard, &d.shard.start);
+    let hi = crate::placement::hash_of_bound(&d.shard, &d.shard.end);
+    hi.saturating_sub(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_proto::v1::ShardLoad;
+    use basalt_storage::ShardState;
+
+    fn shard(id: u64, replicas: &[u64]) -> ShardDesc {
+        let mut start = vec![0, 0, 0, 9];
+        start.extend_from_slice(&id.to_be_bytes());
+        let mut end = start.clone();
+        end.push(0xff);
+        ShardDesc {
+            id,
+            shard: ShardState {
+                keyspace: 9,
+                hashed: false,
+                start,
+                end,
+                epoch: 1,
+            },
+            replicas: replicas.to_vec(),
+            bootstrap: false,
+            moving: None,
+        }
+    }
+
+    fn catalog(shards: Vec<ShardDesc>) -> Catalog {
+        let mut c = Catalog::default();
+        c.shards = shards.into_iter().map(|s| (s.id, s)).collect();
+        c
+    }
+
+    fn members(ids: &[u64]) -> BTreeMap<u64, String> {
+        ids.iter().map(|id| (*id, format!("10.0.0.{id}:7379"))).collect()
+    }
+
+    fn report(node: u64, led: &[(u64, u64, f64)]) -> NodeReportResponse {
+        NodeReportResponse {
+            node_id: node,
+            shards: led
+                .iter()
+                .map(|(id, bytes, rps)| ShardLoad {
+                    shard_id: *id,
+                    leader: true,
+                    applied_index: 1,
+                    approximate_bytes: *bytes,
+                    approximate_keys: 1,
+                    requests_per_second: *rps,
+                    epoch: 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn settled_state() -> DriverState {
+        DriverState {
+            leading_since: Some(Instant::now() - LEADER_BALANCE_GRACE * 2),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_dead_nodes_replicas_go_to_the_emptiest_live_nodes_first() {
+        let cat = catalog(vec![
+            shard(10, &[1, 2, 3]),
+            shard(11, &[1, 2, 4]),
+            shard(12, &[2, 3, 4]),
+        ]);
+        let mut st = settled_state();
+        let steps = plan(
+            &cat,
+            &members(&[1, 2, 3, 4, 5]),
+            &[2, 3, 4, 5],
+            &mut st,
+            &PlacementConfig::default(),
+        );
+        // Node 1 is dead. Node 5 holds nothing, so it takes shard 10's copy; counting that, it
+        // still holds the fewest (1) among the nodes without shard 11, so it takes that one too.
+        let moves: Vec<(u64, u64, u64)> = steps
+            .iter()
+            .map(|s| match s {
+                Step::Move { shard, m, .. } => (*shard, m.from, m.to),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(moves, vec![(10, 1, 5), (11, 1, 5)]);
+        // A removed node (no longer a member) is treated the same.
+        let steps = plan(
+            &cat,
+            &members(&[2, 3, 4, 5]),
+            &[2, 3, 4, 5],
+            &mut st,
+            &PlacementConfig::default(),
+        );
+        assert_eq!(steps.len(), 2, "{steps:?}");
+    }
+
+    #[test]
+    fn a_move_whose_newcomer_died_is_abandoned_and_blocks_other_steps() {
+        let mut d = shard(10, &[1, 2, 3]);
+        d.moving = Some(ReplicaMove { from: 1, to: 4 });
+        let cat = catalog(vec![d, shard(11, &[1, 2, 3])]);
+        let mut st = settled_state();
+        let steps = plan(
+            &cat,
+            &members(&[1, 2, 3, 4]),
+            &[1, 2, 3],
+            &mut st,
+            &PlacementConfig::default(),
+        );
+        assert!(matches!(steps.as_slice(), [Step::Abort { shard: 10, .. }]), "{steps:?}");
+        let steps = plan(
+            &cat,
+            &members(&[1, 2, 3, 4]),
+            &[1, 2, 3, 4],
+            &mut st,
+            &PlacementConfig::default(),
+        );
+        assert!(matches!(steps.as_slice(), [Step::Move { shard: 10, .. }]), "{steps:?}");
+    }
+
+    #[test]
+    fn big_shards_split_and_busy_ones_only_after_two_hot_reports() {
+        let cat = catalog(vec![shard(10, &[1, 2, 3]), shard(11, &[1, 2, 3])]);
+        let cfg = PlacementConfig {
+            split_bytes: 1000,
+            split_qps: 100,
+            rebalance: false,
+            ..Default::default()
+        };
+        let mut st = settled_state();
+        st.reports.insert(1, report(1, &[(10, 5000, 0.0), (11, 10, 0.0)]));
+        let steps = plan(&cat, &members(&[1, 2, 3]), &[1, 2, 3], &mut st, &cfg);
+        assert!(matches!(steps.as_slice(), [Step::Split { shard: 10, .. }]), "{steps:?}");
+
+        st.reports.insert(1, report(1, &[(10, 10, 0.0), (11, 10, 500.0)]));
+        assert!(
+            plan(&cat, &members(&[1, 2, 3]), &[1, 2, 3], &mut st, &cfg).is_empty(),
+            "one hot report is not enough"
+        );
+        let steps = plan(&cat, &members(&[1, 2, 3]), &[1, 2, 3], &mut st, &cfg);
+        assert!(matches!(steps.as_slice(), [Step::Split { shard: 11, .. }]), "{steps:?}");
+        // A report from before the catalog recorded a split (older epoch) does not split again.
+        let mut stale = report(1, &[(10, 5000, 0.0)]);
+        stale.shards[0].epoch = 0;
+        st.reports.insert(1, stale);
+        assert!(plan(&cat, &members(&[1, 2, 3]), &[1, 2, 3], &mut st, &cfg).is_empty());
+    }
+
+    #[test]
+    fn a_new_node_receives_replicas_until_the_counts_are_within_one() {
+        let mut shards: Vec<ShardDesc> = (10..16).map(|id| shard(id, &[1, 2, 3])).collect();
+        let cfg = PlacementConfig::default();
+        let mut st = settled_state();
+        let mut moved = 0;
+        loop {
+            let cat = catalog(shards.clone());
+            let steps = plan(&cat, &members(&[1, 2, 3, 4]), &[1, 2, 3, 4], &mut st, &cfg);
+            let Some(Step::Move { shard, m, .. }) = steps.first() else {
+                break;
+            };
+            let d = shards
+                .iter_mut()
+                .find(|d| d.id == *shard)
+                .expect("planned shard exists");
+            d.replicas.retain(|r| *r != m.from);
+            d.replicas.push(m.to);
+            moved += 1;
+            assert!(moved < 20, "rebalancing does not converge");
+        }
+        let counts = replica_counts(&catalog(shards.clone()), &[1, 2, 3, 4]);
+        let (min, max) = (counts.values().min().copied(), counts.values().max().copied());
+        assert!(max.zip(min).is_some_and(|(max, min)| max - min <= 1), "{counts:?}");
+        assert_eq!(counts[&4], 4, "18 replicas over 4 nodes: the new one takes 4");
+        assert!(shards.iter().all(|d| d.replicas.len() == 3));
+    }
+
+    #[test]
+    fn leaders_move_only_from_a_clear_excess_and_only_once_settled() {
+        let cat = catalog((10..16).map(|id| shard(id, &[1, 2, 3])).collect());
+        let cfg = PlacementConfig::default();
+        let leads_all = report(
+            1,
+            &[
+                (10, 0, 0.0),
+                (11, 0, 0.0),
+                (12, 0, 0.0),
+                (13, 0, 0.0),
+                (14, 0, 0.0),
+                (15, 0, 0.0),
+            ],
+        );
+        let mut fresh = DriverState {
+            leading_since: Some(Instant::now()),
+            ..Default::default()
+        };
+        fresh.reports.insert(1, leads_all.clone());
+        assert!(
+            plan(&cat, &members(&[1, 2, 3]), &[1, 2, 3], &mut fresh, &cfg).is_empty(),
+            "not before the grace period"
+        );
+        let mut st = settled_state();
+        st.reports.insert(1, leads_all);
+        let steps = plan(&cat, &members(&[1, 2, 3]), &[1, 2, 3], &mut st, &cfg);
+        assert!(
+            matches!(steps.as_slice(), [Step::TransferLeader { from: 1, to: 2, .. }]),
+            "{steps:?}"
+        );
+        // 3, 2, 1 is corrected (to 2, 2, 2): the busiest leads more than its even share of 2.
+        st.reports
+            .insert(1, report(1, &[(10, 0, 0.0), (11, 0, 0.0), (12, 0, 0.0)]));
+        st.reports.insert(2, report(2, &[(13, 0, 0.0), (14, 0, 0.0)]));
+        st.reports.insert(3, report(3, &[(15, 0, 0.0)]));
+        let steps = plan(&cat, &members(&[1, 2, 3]), &[1, 2, 3], &mut st, &cfg);
+        assert!(
+            matches!(steps.as_slice(), [Step::TransferLeader { from: 1, to: 3, .. }]),
+            "{steps:?}"
+        );
+        // With 7 shards, 3, 2, 2 is as even as it gets.
+        let cat = catalog((10..17).map(|id| shard(id, &[1, 2, 3])).collect());
+        st.reports.insert(3, report(3, &[(15, 0, 0.0), (16, 0, 0.0)]));
+        let steps = plan(&cat, &members(&[1, 2, 3]), &[1, 2, 3], &mut st, &cfg);
+        assert!(steps.is_empty(), "{steps:?}");
+    }
+}
