@@ -573,9 +573,13 @@ impl RoutingCache {
         }
     }
 
-    /// Forgets everything about `keyspace` (it does not exist, or no longer).
+    /// Forgets the routes of `keyspace` (it does not exist, or no longer): its next use looks it
+    /// up again, still subject to the pause after a failed lookup.
     pub(crate) fn forget(&self, keyspace: &str) {
-        self.keyspaces.write().remove(keyspace);
+        if let Some(slot) = self.keyspaces.write().get_mut(keyspace) {
+            slot.routes = None;
+            slot.stale = false;
+        }
     }
 
     /// The cached shards of `keyspace` in key order; `None` when its routes are not cached.
