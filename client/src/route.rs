@@ -252,7 +252,8 @@ impl Route for KeyRoute<'_> {
         if missed {
             self.cache.count(Event::Miss);
         }
-        let wanted = missed || (self.want_lookup && matches!(lookup, Lookup::Hit { .. }));
+        let due = matches!(lookup, Lookup::Hit { refresh_due: true, .. });
+        let wanted = missed || ((self.want_lookup || due) && matches!(lookup, Lookup::Hit { .. }));
         if wanted && self.lookups < MAX_LOOKUPS_PER_CALL {
             self.lookups += 1;
             self.want_lookup = false;
@@ -260,7 +261,7 @@ impl Route for KeyRoute<'_> {
             lookup = self.cache.lookup(self.keyspace, &self.key);
         }
         let (placed, slot) = match lookup {
-            Lookup::Hit { key, shard } => {
+            Lookup::Hit { key, shard, .. } => {
                 let pick = self.pick(&shard);
                 let placed = Placed {
                     key,
@@ -302,6 +303,12 @@ impl Route for KeyRoute<'_> {
                 // Forwarded: the header is the leader's, not the contacted node's, so it must not
                 // attribute the leader's id to the contacted endpoint.
                 self.cache.count(Event::AnsweredElsewhere);
+                let leader = placed.shard.as_ref().and_then(|s| s.leader).map(|l| l.node_id);
+                if leader == Some(node) {
+                    // The node the cache named as leader is not: leadership moved, or the entry
+                    // is a shard that has split (see `routing`).
+                    self.cache.hint_refresh(self.keyspace);
+                }
                 let h = ResponseHeader {
                     node_id: 0,
                     ..h.clone()

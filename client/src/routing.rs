@@ -31,6 +31,12 @@
 //! - **Keyspace identity**: a descriptor whose keyspace id differs from the cached one (the
 //!   keyspace was dropped and re-created under the same name) is not merged; it marks the
 //!   keyspace for a refresh, which replaces its routes wholesale.
+//! - **Silent staleness is noticed**: where every node holds a replica of every shard, a split
+//!   never produces `WrongShard` (the node the client picked hosts both halves and serves or
+//!   forwards), so a stale entry would keep sending half of its keys to the other half's
+//!   leader. The route layer reports an answer forwarded by the very node the cache named as
+//!   leader ([`RoutingCache::hint_refresh`]); the keyspace is then looked up again on its next
+//!   use, at most once per [`HINTED_REFRESH_INTERVAL`], which also covers a plain leader change.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -54,6 +60,10 @@ pub const MAX_KEYSPACES: usize = 64;
 /// keyspace go by endpoint rotation for this long before the cache asks again, so a keyspace
 /// that cannot be looked up does not double the cost of every request.
 pub(crate) const LOOKUP_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The least time between two lookups of a keyspace prompted by forwarded answers (see the
+/// module invariants), so that leaders moving about cannot turn every request into a lookup.
+pub(crate) const HINTED_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A node of a shard, with the router slot of its address when that is known and well formed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,8 +140,13 @@ pub(crate) enum Lookup {
     Unroutable,
     /// No cached shard covers the encoded key.
     Miss { key: Vec<u8> },
-    /// The cached shard that covers the encoded key.
-    Hit { key: Vec<u8>, shard: ShardRoute },
+    /// The cached shard that covers the encoded key. `refresh_due`: answers suggested the
+    /// keyspace's routes are out of date, and it is time to look them up again.
+    Hit {
+        key: Vec<u8>,
+        shard: ShardRoute,
+        refresh_due: bool,
+    },
 }
 
 /// What became of a descriptor offered to [`RoutingCache::merge`].
@@ -247,6 +262,10 @@ struct KeyspaceSlot {
     /// Completed lookups (successful or not).
     generation: u64,
     failed_at: Option<Instant>,
+    /// When routes were last looked up successfully.
+    looked_up_at: Option<Instant>,
+    /// A forwarded answer suggested the routes are out of date.
+    refresh_hint: bool,
     lock: Arc<tokio::sync::Mutex<()>>,
     last_used: AtomicU64,
 }
@@ -258,6 +277,8 @@ impl KeyspaceSlot {
             stale: false,
             generation: 0,
             failed_at: None,
+            looked_up_at: None,
+            refresh_hint: false,
             lock: Arc::new(tokio::sync::Mutex::new(())),
             last_used: AtomicU64::new(tick),
         }
@@ -350,6 +371,10 @@ impl RoutingCache {
         let Some(encoded) = key.encode(routes.keyspace_id, routes.hashed) else {
             return Lookup::Unroutable;
         };
+        let refresh_due = slot.refresh_hint
+            && slot
+                .looked_up_at
+                .is_none_or(|at| at.elapsed() >= HINTED_REFRESH_INTERVAL);
         match covering(&routes.shards, &encoded) {
             Some(entry) => {
                 entry.last_used.store(tick, Ordering::Relaxed);
@@ -362,6 +387,7 @@ impl RoutingCache {
                         leader: s.leader,
                         replicas: s.replicas.clone(),
                     },
+                    refresh_due,
                 }
             }
             None => Lookup::Miss { key: encoded },
@@ -444,6 +470,8 @@ impl RoutingCache {
         }
         slot.stale = false;
         slot.failed_at = None;
+        slot.refresh_hint = false;
+        slot.looked_up_at = Some(Instant::now());
         slot.generation += 1;
         let routes = slot.routes.as_mut().expect("set just above when absent");
         for shard in shards {
@@ -459,6 +487,14 @@ impl RoutingCache {
         slot.generation += 1;
         slot.failed_at = Some(Instant::now());
         self.count(Event::RefreshFailure);
+    }
+
+    /// Notes that an answer suggested the routes of `keyspace` are out of date (see the module
+    /// invariants).
+    pub(crate) fn hint_refresh(&self, keyspace: &str) {
+        if let Some(slot) = self.keyspaces.write().get_mut(keyspace) {
+            slot.refresh_hint = true;
+        }
     }
 
     /// Offers one descriptor (from a `WrongShard` answer) to the cache of `keyspace`.
@@ -853,6 +889,24 @@ mod tests {
         cache.apply_listing(KS, ID + 1, false, vec![new], None);
         assert_eq!(shard_of(&cache, "a"), Some(9));
         assert_eq!(cache.snapshot(KS).map(|s| s.len()), Some(1));
+    }
+
+    #[tokio::test]
+    async fn forwarded_answers_prompt_a_lookup_at_most_once_per_interval() {
+        let cache = filled(vec![shard(1, "", "", 1)]);
+        let due = |cache: &RoutingCache| match cache.lookup(KS, &user("a")) {
+            Lookup::Hit { refresh_due, .. } => refresh_due,
+            other => panic!("expected a hit, got {other:?}"),
+        };
+        assert!(!due(&cache));
+        cache.hint_refresh(KS);
+        assert!(!due(&cache), "looked up less than an interval ago");
+        // As if the last lookup were an interval old.
+        cache.keyspaces.write().get_mut(KS).expect("cached").looked_up_at =
+            Some(Instant::now() - HINTED_REFRESH_INTERVAL);
+        assert!(due(&cache));
+        cache.apply_listing(KS, ID, false, vec![shard(1, "", "", 1)], None);
+        assert!(!due(&cache), "a lookup answers the hint");
     }
 
     #[test]

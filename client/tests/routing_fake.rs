@@ -790,3 +790,62 @@ async fn concurrent_misses_share_one_lookup() {
     assert_eq!(received.len(), 32);
     assert!(received.iter().all(|r| r.outcome == Outcome::Served), "{received:?}");
 }
+
+#[tokio::test]
+async fn a_split_that_causes_no_wrong_shard_is_noticed_by_forwarding() {
+    let cluster = Cluster::start(2).await;
+    // Every node holds every shard, as in a cluster with as many nodes as replicas.
+    cluster.add_keyspace("silent", 11, &[], 0, &[1], &[1, 2]);
+    cluster.world.lock().forward = true;
+    let client = cluster.client(&[1], "silent").await;
+    client.put("a", "1").await.expect("put");
+
+    // Split at "m"; the upper half elects node 2. Node 1 still hosts both halves, so it forwards
+    // rather than answering WrongShard.
+    {
+        let mut w = cluster.world.lock();
+        let ks = w.keyspace_mut("silent");
+        let parent = ks.shards[0].clone();
+        let at = keycodec::encode_key(11, false, b"m");
+        ks.shards = vec![
+            FakeShard {
+                end: at.clone(),
+                epoch: 2,
+                ..parent.clone()
+            },
+            FakeShard {
+                id: 1101,
+                start: at,
+                epoch: 2,
+                leader: 2,
+                ..parent
+            },
+        ];
+        w.received.clear();
+    }
+    client.put("x", "1").await.expect("put");
+    assert_eq!(cluster.received()[0].outcome, Outcome::Forwarded);
+    // The next use of the keyspace, once the interval has passed since the last lookup, looks
+    // it up again and learns both halves.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    cluster.world.lock().received.clear();
+    for k in ["b", "y", "c", "z"] {
+        client.put(k, "2").await.expect("put");
+    }
+    assert_eq!(cluster.lookups().len(), 2);
+    let cached = client.cached_shards("silent").expect("cached");
+    assert_eq!(
+        cached.iter().map(|s| (s.id, s.epoch)).collect::<Vec<_>>(),
+        [(1100, 2), (1101, 2)]
+    );
+    let outcomes: Vec<(u64, Outcome)> = cluster.received().iter().map(|r| (r.node, r.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            (1, Outcome::Served),
+            (2, Outcome::Served),
+            (1, Outcome::Served),
+            (2, Outcome::Served)
+        ]
+    );
+}
