@@ -42,8 +42,10 @@ use tracing::Instrument;
 
 use crate::config::ClientConfig;
 use crate::error::ClientError;
-use crate::retry::{call, call_until, Deadline};
+use crate::retry::{call, call_routed, Deadline, HasHeader};
+use crate::route::KeyRoute;
 use crate::router::Router;
+use crate::routing::{CachedShard, RouteKey, RoutingCache, RoutingStats};
 use crate::session::SessionTracker;
 
 /// What a compare-and-swap compares the key's current state with.
@@ -160,6 +162,8 @@ pub struct Client {
 struct Inner {
     cfg: ClientConfig,
     router: Router,
+    /// Shard routes per keyspace, shared by every keyspace handle (see `routing`).
+    cache: RoutingCache,
     session: SessionTracker,
 }
 
@@ -195,7 +199,12 @@ impl Client {
         let session = SessionTracker::new();
         tracing::debug!(client_id = session.client_id(), endpoints = ?router.endpoints(), "client created");
         Ok(Client {
-            inner: Arc::new(Inner { cfg, router, session }),
+            inner: Arc::new(Inner {
+                cfg,
+                router,
+                cache: RoutingCache::new(),
+                session,
+            }),
             keyspace: Arc::from(DEFAULT_KEYSPACE),
         })
     }
@@ -233,10 +242,10 @@ impl Client {
             value_len = value.len(),
             seq = ticket.sequence()
         );
-        call(
-            &self.inner.router,
-            &self.inner.cfg,
+        self.call_key(
             "put",
+            RouteKey::User(key.clone()),
+            Deadline::after(self.inner.cfg.deadline),
             || PutRequest {
                 keyspace: keyspace.to_owned(),
                 key: key.clone(),
@@ -255,10 +264,10 @@ impl Client {
         let key = key.into();
         let keyspace = self.keyspace();
         let span = tracing::debug_span!("basalt.get", keyspace, key_len = key.len());
-        call(
-            &self.inner.router,
-            &self.inner.cfg,
+        self.call_key(
             "get",
+            RouteKey::User(key.clone()),
+            Deadline::after(self.inner.cfg.deadline),
             || GetRequest {
                 keyspace: keyspace.to_owned(),
                 key: key.clone(),
@@ -276,10 +285,10 @@ impl Client {
         let ticket = self.inner.session.begin();
         let keyspace = self.keyspace();
         let span = tracing::debug_span!("basalt.delete", keyspace, key_len = key.len(), seq = ticket.sequence());
-        call(
-            &self.inner.router,
-            &self.inner.cfg,
+        self.call_key(
             "delete",
+            RouteKey::User(key.clone()),
+            Deadline::after(self.inner.cfg.deadline),
             || DeleteRequest {
                 keyspace: keyspace.to_owned(),
                 key: key.clone(),
@@ -348,15 +357,21 @@ impl Client {
         async {
             loop {
                 let request = scan.request(keyspace);
-                let response = call_until(
-                    &self.inner.router,
-                    &self.inner.cfg,
-                    "scan",
-                    deadline,
-                    || request.clone(),
-                    |ch, req| async move { KvClient::new(ch).scan(req).await },
-                )
-                .await?;
+                // Each page goes to the shard holding the scan's position: its cursor, else the
+                // range's first position (see `RouteKey::Scan`).
+                let position = RouteKey::Scan {
+                    cursor: request.cursor.clone(),
+                    start: request.start.clone(),
+                };
+                let response = self
+                    .call_key(
+                        "scan",
+                        position,
+                        deadline,
+                        || request.clone(),
+                        |ch, req| async move { KvClient::new(ch).scan(req).await },
+                    )
+                    .await?;
                 if let Some(page) = scan.absorb(response)? {
                     return Ok(page);
                 }
@@ -386,10 +401,10 @@ impl Client {
             key_len = key.len(),
             seq = ticket.sequence()
         );
-        call(
-            &self.inner.router,
-            &self.inner.cfg,
+        self.call_key(
             "compare_and_swap",
+            RouteKey::User(key.clone()),
+            Deadline::after(self.inner.cfg.deadline),
             || CompareAndSwapRequest {
                 keyspace: keyspace.to_owned(),
                 key: key.clone(),
@@ -645,6 +660,39 @@ impl Client {
         )
         .instrument(tracing::debug_span!("basalt.placement_status"))
         .await
+    }
+
+    /// Counters of the shard routing cache (shared by every handle of this client): how often
+    /// a request's endpoint came from the cache, lookups, and what answers taught it.
+    pub fn routing_stats(&self) -> RoutingStats {
+        self.inner.cache.stats()
+    }
+
+    /// The shards of `keyspace` that the routing cache holds, in key order; `None` when it holds
+    /// no routes for the keyspace (never used, or its lookup failed). For diagnostics and tests.
+    pub fn cached_shards(&self, keyspace: &str) -> Option<Vec<CachedShard>> {
+        self.inner.cache.snapshot(keyspace)
+    }
+
+    /// Runs one key-value call on this handle's keyspace, each attempt routed by `key` through
+    /// the shard cache.
+    async fn call_key<Req, Resp, B, F, Fut>(
+        &self,
+        op: &'static str,
+        key: RouteKey,
+        deadline: Deadline,
+        build: B,
+        rpc: F,
+    ) -> Result<Resp, ClientError>
+    where
+        B: FnMut() -> Req,
+        F: FnMut(tonic::transport::Channel, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+        Resp: HasHeader,
+    {
+        let inner = &*self.inner;
+        let mut route = KeyRoute::new(&inner.router, &inner.cache, &inner.cfg, self.keyspace(), key);
+        call_routed(&mut route, &inner.cfg, op, deadline, build, rpc).await
     }
 
     /// The leader's node id as last heard (from a response header or a `NotLeader` hint).

@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use basalt_proto::v1::ErrorDetail;
+use basalt_proto::v1::{ErrorDetail, Shard};
 use basalt_proto::ErrorKind;
 use tonic::{Code, Status};
 
@@ -61,18 +61,16 @@ impl ClientError {
 }
 
 /// What the retry loop should do with a failed attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Disposition {
     /// The node is not the leader; `leader_id` 0 means it knows of none (election under way) and
     /// an empty `leader_addr` means it does not know the leader's address.
     NotLeader { leader_id: u64, leader_addr: String },
-    /// The node holds no replica for the key's shard in `keyspace`. `replica_addrs` are the
-    /// addresses of the shard that covers the key as far as the node knows (empty when it does
-    /// not know): endpoints worth learning, since the configured seeds may not include them.
-    WrongShard {
-        keyspace: String,
-        replica_addrs: Vec<String>,
-    },
+    /// The node holds no replica for the key's shard in `keyspace`. `current` is the shard that
+    /// covers the key as far as the node knows (`None` when it does not know): a descriptor for
+    /// the routing cache, and replica addresses worth learning, since the configured seeds may
+    /// not include them.
+    WrongShard { keyspace: String, current: Option<Shard> },
     /// A transient failure (transport error, overload, timeout): try another endpoint after a
     /// backoff.
     Retry,
@@ -92,17 +90,7 @@ pub(crate) fn classify(status: &Status) -> Disposition {
     if let Some(ErrorKind::WrongShard(ws)) = detail {
         return Disposition::WrongShard {
             keyspace: ws.keyspace,
-            replica_addrs: ws
-                .current
-                .map(|shard| {
-                    shard
-                        .replicas
-                        .into_iter()
-                        .map(|r| r.address)
-                        .filter(|a| !a.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            current: ws.current,
         };
     }
     match status.code() {
@@ -118,6 +106,20 @@ pub(crate) fn classify(status: &Status) -> Disposition {
         Code::Unknown if std::error::Error::source(status).is_some() => Disposition::Retry,
         _ => Disposition::Fail(error_from_status(status, detail)),
     }
+}
+
+/// The non-empty replica addresses of a `WrongShard` answer's shard.
+pub(crate) fn replica_addrs(current: Option<&Shard>) -> Vec<String> {
+    current
+        .map(|shard| {
+            shard
+                .replicas
+                .iter()
+                .map(|r| r.address.clone())
+                .filter(|a| !a.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The typed error for a status that will not be retried.
@@ -234,13 +236,14 @@ mod tests {
             }),
         );
         assert_eq!(st.code(), Code::Unavailable);
-        assert_eq!(
-            classify(&st),
-            Disposition::WrongShard {
-                keyspace: "orders".into(),
-                replica_addrs: vec!["10.0.0.4:7379".into()]
+        match classify(&st) {
+            Disposition::WrongShard { keyspace, current } => {
+                assert_eq!(keyspace, "orders");
+                assert_eq!(current.as_ref().map(|s| s.id), Some(7));
+                assert_eq!(replica_addrs(current.as_ref()), ["10.0.0.4:7379"]);
             }
-        );
+            other => panic!("expected WrongShard, got {other:?}"),
+        }
         // Without a current shard there is nothing to learn, but it is still routed around.
         let st = status_with_detail(
             "no replica here",
@@ -253,9 +256,10 @@ mod tests {
             classify(&st),
             Disposition::WrongShard {
                 keyspace: String::new(),
-                replica_addrs: vec![]
+                current: None
             }
         );
+        assert!(replica_addrs(None).is_empty());
     }
 
     #[test]

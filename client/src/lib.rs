@@ -27,6 +27,11 @@
 //!   ([`Client::with_keyspace`]); a node that holds no replica of a key's shard answers
 //!   `WrongShard`, which is routed around like a node without a leader and never reaches the
 //!   caller before the deadline; scans follow the server's cursor from shard to shard.
+//! - **Routing cache** (`routing`, `route`): per keyspace, the client caches shard descriptors
+//!   (looked up with `DescribeKeyspace` on first use and on a miss, at most
+//!   [`MAX_SHARDS_PER_KEYSPACE`] per keyspace) and each shard's leader, and sends a key's
+//!   requests straight to its shard's leader; `WrongShard`, `NotLeader` and response headers
+//!   keep it current. [`Client::routing_stats`] shows how well it does.
 //!
 //! The [`cli`] module is `basaltctl`; it lives in the library so its parsing and formatting are
 //! unit-tested like the rest.
@@ -38,7 +43,9 @@ mod config;
 mod endpoint;
 mod error;
 mod retry;
+mod route;
 mod router;
+mod routing;
 mod session;
 
 pub use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, Replica, Role, Shard};
@@ -47,3 +54,4 @@ pub use client::{CasOutcome, Client, Expect, KeyspaceDescription, ScanPage, Shar
 pub use config::ClientConfig;
 pub use endpoint::{parse_endpoint_list, EndpointAddr};
 pub use error::ClientError;
+pub use routing::{CachedShard, RoutingStats, MAX_KEYSPACES, MAX_SHARDS_PER_KEYSPACE};

@@ -1,7 +1,8 @@
 //! The retry loop every client call runs through.
 //!
-//! One call = attempts against endpoints chosen by the [`Router`] until one succeeds, a definite
-//! error arrives, or the call's deadline passes. Each attempt is bounded by
+//! One call = attempts against endpoints chosen by a [`Route`] (the [`Router`]'s rotation for
+//! admin calls, the shard routing cache for key-value calls; see `route`) until one succeeds, a
+//! definite error arrives, or the call's deadline passes. Each attempt is bounded by
 //! `min(attempt_timeout, time left)`, both locally and through the `grpc-timeout` header so the
 //! server can stop working on an abandoned attempt.
 //!
@@ -11,10 +12,15 @@
 //! - A usable `NotLeader` hint is followed at once, without a backoff, since it points at the
 //!   node most likely to succeed; but at most [`MAX_IMMEDIATE_REDIRECTS`] times in a row, so two
 //!   nodes with stale views pointing at each other cannot make the client spin.
+//!   The same holds for a `WrongShard` answer whose descriptor is newer than the routing cache's
+//!   and names another node of the key's shard: the route says so, and the next attempt goes
+//!   there at once, sharing the same limit.
 //! - Every other retry waits a jittered exponential backoff first, and no wait or attempt
-//!   extends past the deadline. That includes `WrongShard`: the node answering it may be behind
-//!   a split or move the cluster is still carrying out, so asking again at once would mostly hear
-//!   the same answer.
+//!   extends past the deadline. That includes a `WrongShard` that teaches nothing new: the node
+//!   answering it may be behind a split or move the cluster is still carrying out, so asking
+//!   again at once would mostly hear the same answer.
+//! - Choosing the target may take time (a routing lookup); the deadline is checked again after
+//!   it, so the lookup counts against the call like any attempt.
 //! - Several calls can share one [`Deadline`] (a scan that follows its cursor through many
 //!   shards), so that an operation made of several requests is bounded as a whole, as one call is.
 
@@ -34,6 +40,7 @@ use tonic::{Request, Response, Status};
 use crate::backoff::Backoff;
 use crate::config::ClientConfig;
 use crate::error::{classify, describe_status, describe_wrong_shard, ClientError, Disposition};
+use crate::route::{ClusterRoute, Route};
 use crate::router::Router;
 
 /// Hint-following attempts allowed before a backoff is forced.
@@ -118,10 +125,30 @@ pub(crate) async fn call_until<Req, Resp, B, F, Fut>(
     cfg: &ClientConfig,
     op: &'static str,
     deadline: Deadline,
+    build: B,
+    rpc: F,
+) -> Result<Resp, ClientError>
+where
+    B: FnMut() -> Req,
+    F: FnMut(Channel, Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<Resp>, Status>>,
+    Resp: HasHeader,
+{
+    call_routed(&mut ClusterRoute(router), cfg, op, deadline, build, rpc).await
+}
+
+/// Runs `rpc` with requests from `build`, each attempt going where `route` says, until success,
+/// a definite error, or `deadline`.
+pub(crate) async fn call_routed<R, Req, Resp, B, F, Fut>(
+    route: &mut R,
+    cfg: &ClientConfig,
+    op: &'static str,
+    deadline: Deadline,
     mut build: B,
     mut rpc: F,
 ) -> Result<Resp, ClientError>
 where
+    R: Route,
     B: FnMut() -> Req,
     F: FnMut(Channel, Request<Req>) -> Fut,
     Fut: Future<Output = Result<Response<Resp>, Status>>,
@@ -132,17 +159,23 @@ where
     let mut last_error = String::from("no attempt was made");
     let mut redirects = 0u32;
     let mut attempt = 0u32;
+    let exceeded = |attempt: u32, last_error: String| {
+        tracing::debug!(op, attempts = attempt, %last_error, "deadline exceeded");
+        Err(ClientError::DeadlineExceeded {
+            after: Instant::now() - started,
+            last_error,
+        })
+    };
     loop {
+        if Instant::now() >= deadline {
+            return exceeded(attempt, last_error);
+        }
+        let target = route.target(deadline).await;
         let now = Instant::now();
         if now >= deadline {
-            tracing::debug!(op, attempts = attempt, %last_error, "deadline exceeded");
-            return Err(ClientError::DeadlineExceeded {
-                after: now - started,
-                last_error,
-            });
+            return exceeded(attempt, last_error);
         }
         attempt += 1;
-        let target = router.target();
         let budget = cfg.attempt_timeout.min(deadline - now);
         let mut request = Request::new(build());
         request.set_timeout(budget);
@@ -150,7 +183,7 @@ where
         let status = match outcome {
             Ok(Ok(response)) => {
                 let response = response.into_inner();
-                router.on_success(target.index, response.header());
+                route.on_success(&target, response.header());
                 if attempt > 1 {
                     tracing::debug!(op, attempts = attempt, endpoint = %target.addr, "succeeded after retries");
                 }
@@ -160,38 +193,45 @@ where
             Err(_elapsed) => {
                 last_error = format!("{} timed out after {budget:?}", target.addr);
                 tracing::debug!(op, attempt, endpoint = %target.addr, ?budget, "attempt timed out");
-                router.on_failure(target.index);
+                route.on_failure(&target);
                 backoff_sleep(&mut backoff, deadline).await;
                 redirects = 0;
                 continue;
             }
         };
         last_error = format!("{}: {}", target.addr, describe_status(&status));
-        match classify(&status) {
+        let at_once = match classify(&status) {
             Disposition::Fail(err) => {
                 tracing::debug!(op, attempt, endpoint = %target.addr, error = %err, "definite error");
+                route.on_error(&err);
                 return Err(err);
             }
             Disposition::NotLeader { leader_id, leader_addr } => {
                 tracing::debug!(op, attempt, endpoint = %target.addr, leader_id, %leader_addr, "not leader");
-                let followed = router.on_not_leader(target.index, leader_id, &leader_addr);
-                if followed.is_some() && redirects < MAX_IMMEDIATE_REDIRECTS {
-                    redirects += 1;
-                    continue;
-                }
+                route.on_not_leader(&target, leader_id, &leader_addr)
             }
-            Disposition::WrongShard {
-                keyspace,
-                replica_addrs,
-            } => {
+            Disposition::WrongShard { keyspace, current } => {
                 last_error = describe_wrong_shard(&target.addr, &keyspace, &status);
-                tracing::debug!(op, attempt, endpoint = %target.addr, %keyspace, ?replica_addrs, "wrong shard");
-                router.on_wrong_shard(target.index, &replica_addrs);
+                tracing::debug!(
+                    op,
+                    attempt,
+                    endpoint = %target.addr,
+                    %keyspace,
+                    shard = current.as_ref().map(|s| s.id),
+                    epoch = current.as_ref().map(|s| s.epoch),
+                    "wrong shard"
+                );
+                route.on_wrong_shard(&target, current.as_ref())
             }
             Disposition::Retry => {
                 tracing::debug!(op, attempt, endpoint = %target.addr, error = %last_error, "transient failure");
-                router.on_failure(target.index);
+                route.on_failure(&target);
+                false
             }
+        };
+        if at_once && redirects < MAX_IMMEDIATE_REDIRECTS {
+            redirects += 1;
+            continue;
         }
         backoff_sleep(&mut backoff, deadline).await;
         redirects = 0;

@@ -19,15 +19,23 @@
 //!   failed endpoint, so consecutive failures walk through every endpoint in turn.
 //! - A `WrongShard` answer is a failure of that endpoint for this request, not a hint: the
 //!   replica addresses it names are learned (so the rotation reaches nodes that the seeds do not
-//!   list) but not preferred, because the answering node's view of the shard may be stale and the
-//!   routing cache is per cluster, not per shard; preferring them would move every other
-//!   keyspace's traffic along with it.
+//!   list) but not preferred, because the answering node's view of the shard may be stale and
+//!   this state is per cluster, not per shard; preferring them would move every other
+//!   keyspace's traffic along with it. Per-shard routing is the shard cache's business (see
+//!   `routing` and `route`), which addresses endpoints through [`Router::resolve`] and
+//!   [`Router::target_at`].
+//! - An endpoint whose attempt failed (transport error, timeout, refusal) is *suspect* for
+//!   [`SUSPECT_FOR`] unless it succeeds again meanwhile. The rotation ignores this (it must keep
+//!   probing every endpoint), but the shard cache skips suspect replicas while others are left,
+//!   so a dead or unreachable replica costs one attempt timeout per period rather than one per
+//!   request.
 
 use std::time::Duration;
 
 use basalt_proto::v1::ResponseHeader;
 use basalt_proto::Dialer;
 use parking_lot::RwLock;
+use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::endpoint::EndpointAddr;
@@ -37,6 +45,9 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Upper bound on known endpoints; hints naming further new addresses are ignored.
 pub(crate) const MAX_ENDPOINTS: usize = 256;
+
+/// How long an endpoint stays suspect after a failed attempt (see the module invariants).
+pub(crate) const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 /// Where one attempt goes.
 #[derive(Clone, Debug)]
@@ -52,6 +63,8 @@ struct Slot {
     channel: Channel,
     /// The node id this endpoint reported (response header) or a hint attributed to it.
     node_id: Option<u64>,
+    /// Until when the endpoint is suspect after a failed attempt.
+    suspect_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -83,6 +96,7 @@ impl Router {
                 channel: lazy_channel(&addr, attempt_timeout, &dialer),
                 addr,
                 node_id: None,
+                suspect_until: None,
             })
             .collect();
         Self {
@@ -109,6 +123,46 @@ impl Router {
         }
     }
 
+    /// The endpoint at `index`, an index this router handed out (slots are never removed).
+    pub(crate) fn target_at(&self, index: usize) -> Target {
+        let state = self.state.read();
+        let slot = &state.slots[index % state.slots.len()];
+        Target {
+            index,
+            addr: slot.addr.as_str().to_owned(),
+            channel: slot.channel.clone(),
+        }
+    }
+
+    /// The slot of endpoint `raw`, added if new (within [`MAX_ENDPOINTS`]); `None` when the
+    /// address is empty or malformed, or the list is full.
+    pub(crate) fn resolve(&self, raw: &str) -> Option<usize> {
+        if raw.is_empty() {
+            return None;
+        }
+        let addr = match EndpointAddr::parse(raw) {
+            Ok(addr) => addr,
+            Err(err) => {
+                tracing::debug!(%raw, error = %err, "ignoring malformed replica address");
+                return None;
+            }
+        };
+        if let Some(i) = self.state.read().slots.iter().position(|s| s.addr == addr) {
+            return Some(i);
+        }
+        self.state.write().find_or_add(addr, self.attempt_timeout, &self.dialer)
+    }
+
+    /// Whether the endpoint at `index` failed an attempt within the last [`SUSPECT_FOR`].
+    pub(crate) fn is_suspect(&self, index: usize) -> bool {
+        let state = self.state.read();
+        state
+            .slots
+            .get(index)
+            .and_then(|s| s.suspect_until)
+            .is_some_and(|until| Instant::now() < until)
+    }
+
     /// The leader's node id, as last heard from a response header or a `NotLeader` hint.
     pub(crate) fn leader_id(&self) -> Option<u64> {
         self.state.read().leader_id
@@ -124,6 +178,9 @@ impl Router {
     pub(crate) fn on_success(&self, index: usize, header: Option<&ResponseHeader>) {
         let mut state = self.state.write();
         state.preferred = Some(index);
+        if let Some(slot) = state.slots.get_mut(index) {
+            slot.suspect_until = None;
+        }
         let Some(header) = header else { return };
         if header.node_id != 0 {
             state.attribute(index, header.node_id);
@@ -135,7 +192,11 @@ impl Router {
 
     /// The attempt at `index` failed without telling us where the leader is.
     pub(crate) fn on_failure(&self, index: usize) {
-        self.state.write().rotate_past(index);
+        let mut state = self.state.write();
+        if let Some(slot) = state.slots.get_mut(index) {
+            slot.suspect_until = Some(Instant::now() + SUSPECT_FOR);
+        }
+        state.rotate_past(index);
     }
 
     /// The endpoint at `index` said it is not the leader. Returns the endpoint the hint points
@@ -232,6 +293,7 @@ impl RouterState {
             channel: lazy_channel(&addr, attempt_timeout, dialer),
             addr,
             node_id: None,
+            suspect_until: None,
         });
         Some(self.slots.len() - 1)
     }
@@ -372,6 +434,41 @@ mod tests {
         assert_eq!(r.target().addr, "c:3");
         // Leadership knowledge is untouched: WrongShard says nothing about the leader.
         assert_eq!(r.leader_id(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn resolve_adds_once_and_rejects_junk() {
+        let r = router(&["a:1"]);
+        assert_eq!(r.resolve("a:1"), Some(0));
+        assert_eq!(r.resolve("http://b:2/"), Some(1));
+        assert_eq!(r.resolve("b:2"), Some(1));
+        assert_eq!(r.resolve(""), None);
+        assert_eq!(r.resolve("fake"), None);
+        assert_eq!(r.endpoints(), ["a:1", "b:2"]);
+        assert_eq!(r.target_at(1).addr, "b:2");
+        // Resolving does not change where the rotation goes.
+        assert_eq!(r.target().addr, "a:1");
+    }
+
+    #[tokio::test]
+    async fn failures_make_an_endpoint_suspect_until_it_succeeds() {
+        let r = router(&["a:1", "b:2"]);
+        assert!(!r.is_suspect(0));
+        r.on_failure(0);
+        assert!(r.is_suspect(0));
+        assert!(!r.is_suspect(1));
+        r.on_success(0, None);
+        assert!(!r.is_suspect(0));
+        assert!(!r.is_suspect(7), "unknown slots are not suspect");
+    }
+
+    #[tokio::test]
+    async fn suspicion_expires() {
+        let r = router(&["a:1"]);
+        r.on_failure(0);
+        // As if SUSPECT_FOR had passed since the failure.
+        r.state.write().slots[0].suspect_until = Some(Instant::now());
+        assert!(!r.is_suspect(0));
     }
 
     #[tokio::test]
