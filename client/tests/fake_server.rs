@@ -1620,7 +1620,7 @@ async fn basaltctl_keyspace_and_shard_commands() {
     let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(
         rows[0],
-        ["ID", "KEYSPACE", "RANGE", "EPOCH", "REPLICAS", "LEADER", "APPLIED", "BYTES", "KEYS"],
+        ["ID", "KEYSPACE", "RANGE", "EPOCH", "REPLICAS", "LEADER", "STATE", "APPLIED", "BYTES", "KEYS"],
         "{table}"
     );
     let shard_cells: Vec<[&str; 3]> = rows[1..].iter().map(|r| [r[0], r[1], r[2]]).collect();
@@ -1634,7 +1634,7 @@ async fn basaltctl_keyspace_and_shard_commands() {
         ],
         "{table}"
     );
-    let keys_column: u64 = rows[1..].iter().map(|r| r[8].parse::<u64>().expect("a count")).sum();
+    let keys_column: u64 = rows[1..].iter().map(|r| r[9].parse::<u64>().expect("a count")).sum();
     assert_eq!(keys_column, 9, "{table}");
     let lists: Vec<ListShardsRequest> = node
         .admin_calls()

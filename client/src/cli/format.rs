@@ -687,22 +687,22 @@ ID  ADDRESS                ROLE         TERM  APPLIED  VOTER
     #[test]
     fn shard_table_sorts_by_keyspace_then_range() {
         let expected = "\
-ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER
-3   default   ..     4      1,2,3     1
-7   orders    ..m    8      1,2,3     -
-12  orders    m..    13     1,2,3     2
+ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  STATE
+3   default   ..     4      1,2,3     1       -
+7   orders    ..m    8      1,2,3     -       -
+12  orders    m..    13     1,2,3     2       -
 ";
         assert_eq!(shards_table(&shards(), false), expected);
         let expected = "\
-ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  APPLIED  BYTES  KEYS
-3   default   ..     4      1,2,3     1       103      4096   12
-7   orders    ..m    8      1,2,3     -       107      4096   12
-12  orders    m..    13     1,2,3     2       112      4096   12
+ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  STATE  APPLIED  BYTES  KEYS
+3   default   ..     4      1,2,3     1       -      103      4096   12
+7   orders    ..m    8      1,2,3     -       -      107      4096   12
+12  orders    m..    13     1,2,3     2       -      112      4096   12
 ";
         assert_eq!(shards_table(&shards(), true), expected);
         assert_eq!(
             shards_table(&[], false),
-            "ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER\n"
+            "ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  STATE\n"
         );
     }
 
@@ -767,9 +767,9 @@ orders   2   hash      3         16
 NAME    ID  SHARDING  REPLICAS  INITIAL_SHARDS
 orders  2   range     3         1
 
-ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  APPLIED  BYTES  KEYS
-7   orders    ..m    8      1,2,3     -       107      4096   12
-12  orders    m..    13     1,2,3     2       112      4096   12
+ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  STATE  APPLIED  BYTES  KEYS
+7   orders    ..m    8      1,2,3     -       -      107      4096   12
+12  orders    m..    13     1,2,3     2       -      112      4096   12
 ";
         assert_eq!(keyspace_description_table(&desc), expected);
         let v: serde_json::Value = serde_json::from_str(&keyspace_description_json(&desc)).expect("output is JSON");
