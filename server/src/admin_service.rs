@@ -20,7 +20,8 @@ use basalt_proto::v1::{
     AddMemberRequest, AddMemberResponse, ClusterStatusRequest, ClusterStatusResponse, CreateKeyspaceRequest,
     CreateKeyspaceResponse, DescribeKeyspaceRequest, DescribeKeyspaceResponse, DropKeyspaceRequest,
     DropKeyspaceResponse, ListKeyspacesRequest, ListKeyspacesResponse, ListShardsRequest, ListShardsResponse, Member,
-    MoveShardRequest, MoveShardResponse, NodeStatusRequest, RemoveMemberRequest, RemoveMemberResponse, Role as PbRole,
+    MergeShardRequest, MergeShardResponse, MergeStepRequest, MergeStepResponse, MoveShardRequest, MoveShardResponse,
+    NodeStatusRequest, RemoveMemberRequest, RemoveMemberResponse, Role as PbRole,
     Shard as PbShard, Sharding, SplitShardRequest, SplitShardResponse, TransferLeaderRequest, TransferLeaderResponse,
     TransferShardLeaderRequest, TransferShardLeaderResponse,
 };
@@ -45,12 +46,13 @@ pub struct AdminService {
     metrics: ServerMetrics,
 }
 
-fn placement_status(e: PlacementError) -> Status {
+pub(crate) fn placement_status(e: PlacementError) -> Status {
     match e {
         PlacementError::Invalid(m) => Status::invalid_argument(m),
         PlacementError::NotFound(m) => Status::not_found(m),
         PlacementError::AlreadyExists(m) => Status::already_exists(m),
         PlacementError::Conflict(m) => Status::aborted(m),
+        PlacementError::Refused(m) => Status::failed_precondition(m),
         PlacementError::Replication(e) => crate::errors::to_status(e),
         PlacementError::Catalog(e) => Status::internal(e.to_string()),
     }
@@ -227,6 +229,7 @@ impl AdminService {
                         shard,
                         replicas: members.clone(),
                         bootstrap: false,
+                        merge: None,
                     }
                     .to_pb(&keyspace, &addrs, 0)
                 };
@@ -299,6 +302,7 @@ impl AdminService {
             start: s.start.to_vec(),
             end: s.end.to_vec(),
             epoch: s.epoch,
+            frozen: false,
         };
         self.placement
             .record_split(desc.id, new_group, state(left), state(right))
@@ -672,6 +676,44 @@ impl Admin for AdminService {
                     }
                 }
             })
+            .await
+    }
+
+    async fn merge_shard(&self, req: Request<MergeShardRequest>) -> Result<Response<MergeShardResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed("admin", self.group.status().node_id, "merge_shard", async {
+                let right = (req.right_shard_id != 0).then_some(req.right_shard_id);
+                let r = crate::merge::merge_shard(&self.placement, req.shard_id, right).await;
+                let g = self.group.clone();
+                let cat = self.catalog()?;
+                self.on_meta_leader(
+                    "merge_shard",
+                    r,
+                    req,
+                    forwarded,
+                    |mut c, r| async move { c.merge_shard(r).await },
+                    |desc| MergeShardResponse {
+                        header: Some(header(g.as_ref())),
+                        shard: Some(self.shard_pb(&cat, &desc, false)),
+                    },
+                )
+                .await
+            })
+            .await
+    }
+
+    async fn merge_step(&self, req: Request<MergeStepRequest>) -> Result<Response<MergeStepResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed(
+                "admin",
+                self.group.status().node_id,
+                "merge_step",
+                crate::merge::serve_step(&self.placement, req, forwarded),
+            )
             .await
     }
 }

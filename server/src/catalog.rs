@@ -86,6 +86,20 @@ pub struct ShardDesc {
     /// `initialize` with `replicas`). Shards born from a split are not: they start from their
     /// parent's data on the parent's replicas.
     pub bootstrap: bool,
+    /// Set while this shard is being merged into its left neighbour (see [`crate::merge`]).
+    #[serde(default)]
+    pub merge: Option<MergeMark>,
+}
+
+/// A merge in progress, recorded on the right shard's descriptor before anything else happens,
+/// so that a new meta leader finds it and finishes or undoes it. The epochs are those the merge
+/// was planned with: the freeze expects `right_epoch`, the merge proposal `left_epoch`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MergeMark {
+    /// The left neighbour absorbing this shard.
+    pub into: u64,
+    pub left_epoch: u64,
+    pub right_epoch: u64,
 }
 
 impl ShardDesc {

@@ -4,8 +4,8 @@
 //! is validated against [`limits`], finds its keyspace in the [`catalog`] and the local replica
 //! whose shard holds its key in [`replicas`], and goes to that replica group through the
 //! `basalt_consensus::Replication` trait; on a follower it is forwarded to the leader
-//! ([`forward`]). Catalog changes (keyspaces, splits) are carried out by the [`placement`] driver
-//! on the meta group's leader; every node's reconciler opens and removes replicas to match. Errors become gRPC statuses in one place ([`errors`]). [`node`] assembles the
+//! ([`forward`]). Catalog changes (keyspaces, splits, [`merge`]s) are carried out by the [`placement`]
+//! driver on the meta group's leader; every node's reconciler opens and removes replicas to match. Errors become gRPC statuses in one place ([`errors`]). [`node`] assembles the
 //! engine, the group-commit writer, the groups and the servers; [`config`] resolves flags, file and
 //! defaults; [`metrics`] serves Prometheus text on `/metrics`. [`planted`] holds the deliberate bugs
 //! that only the simulator can switch on, to test its checkers.
@@ -17,6 +17,7 @@ pub mod errors;
 pub mod forward;
 pub mod kv_service;
 pub mod limits;
+pub mod merge;
 pub mod metrics;
 pub mod node;
 pub mod placement;

@@ -47,6 +47,9 @@ pub enum PlacementError {
     AlreadyExists(String),
     #[error("{0}")]
     Conflict(String),
+    /// A change that was tried and given up on for good (a merge refused by its shards).
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
     #[error(transparent)]
@@ -60,6 +63,8 @@ pub struct Placement {
     replicas: Arc<Replicas>,
     /// The last catalog read, reused while the meta replica has applied nothing newer.
     cache: Arc<parking_lot::RwLock<Arc<Catalog>>>,
+    /// Held by whoever drives merges on this node (see [`crate::merge`]).
+    merges: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Placement {
@@ -68,7 +73,17 @@ impl Placement {
             node_id,
             replicas,
             cache: Arc::default(),
+            merges: Arc::default(),
         }
+    }
+
+    /// The lock merge drivers on this node take (see [`crate::merge`]).
+    pub(crate) fn merge_lock(&self) -> &Arc<tokio::sync::Mutex<()>> {
+        &self.merges
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
     }
 
     pub fn replicas(&self) -> &Arc<Replicas> {
@@ -122,7 +137,7 @@ impl Placement {
     /// Runs `build` on a fresh, linearizable view of the catalog and proposes its transaction,
     /// retrying on a fresh view when another change got in first. Only the meta leader can
     /// propose; elsewhere this fails with `NotLeader`, which callers forward.
-    async fn change<T>(
+    pub(crate) async fn change<T>(
         &self,
         mut build: impl FnMut(&Catalog, &mut catalog::CatalogTxn<'_>) -> Result<T, PlacementError>,
     ) -> Result<T, PlacementError> {
@@ -197,6 +212,7 @@ impl Placement {
                 shard: ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
                 replicas: founders.to_vec(),
                 bootstrap: true,
+                merge: None,
             });
             Ok(())
         })
@@ -270,9 +286,11 @@ impl Placement {
                         start,
                         end,
                         epoch: 1,
+                        frozen: false,
                     },
                     replicas,
                     bootstrap: true,
+                    merge: None,
                 });
             }
             Ok(ks)
@@ -326,6 +344,7 @@ impl Placement {
                 shard: right.clone(),
                 replicas: p.replicas.clone(),
                 bootstrap: false,
+                merge: None,
             };
             let mut p = p.clone();
             p.shard = left.clone();
@@ -460,6 +479,10 @@ pub async fn run(placement: Placement, founders: Vec<u64>, mut shutdown: watch::
                 tracing::debug!(error = %e, "recording the default keyspace");
             }
         }
+        if meta.status().role == Role::Leader {
+            let p = placement.clone();
+            tokio::spawn(async move { crate::merge::resume_merges(&p).await });
+        }
         let applied = meta.reader().applied_index();
         if applied == seen {
             continue;
@@ -500,5 +523,6 @@ async fn reconcile(p: &Placement) -> Result<(), PlacementError> {
             p.replicas.destroy(group).await?;
         }
     }
+    crate::merge::collect_merged_replicas(p, &view).await?;
     Ok(())
 }
