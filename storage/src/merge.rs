@@ -542,7 +542,7 @@ mod tests {
         let WriteResponse::Merged { shard } = &response else {
             panic!("{response:?}");
         };
-        assert_eq!((shard.start.clone(), shard.end.clone()), (left_before.start, right_shard.end));
+        assert_eq!((shard.start.clone(), shard.end.clone()), (left_before.start, right_shard.end.clone()));
         assert_eq!(shard.epoch, 5, "one past the larger epoch (left 4, right 3)");
         assert!(!shard.frozen);
         assert_eq!(left.shard(), shard);
