@@ -748,3 +748,359 @@ fn stale(view: &Catalog, shard: &ShardState) -> bool {
     }
     from >= shard.end
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Mutex;
+
+    use basalt_storage::{ApplyEntry, MemoryEngine};
+    use basalt_storage::{KvStateMachine, DEFAULT_KEYSPACE};
+
+    use super::*;
+
+    const L: u64 = 2;
+    const R: u64 = 3;
+
+    type Interleave = Box<dyn FnOnce(&mut HashMap<u64, KvStateMachine>) + Send>;
+
+    /// Two neighbouring shards as state machines in memory and a catalog as a map: the driver's
+    /// decisions against real apply-time checks, without a cluster.
+    struct FakeOps {
+        sms: Mutex<HashMap<u64, KvStateMachine>>,
+        catalog: Mutex<BTreeMap<u64, ShardDesc>>,
+        /// Runs just before the absorb step (another change getting in between).
+        before_absorb: Mutex<Option<Interleave>>,
+        /// The export limit the left leader applies.
+        limit: u64,
+        steps: Mutex<Vec<&'static str>>,
+    }
+
+    fn apply_one(sm: &mut KvStateMachine, command: Command) -> WriteResponse {
+        let request = WriteRequest { session: None, command };
+        let index = sm.applied_meta().map_or(1, |_| sm.applied_index() + 1);
+        let entry = ApplyEntry {
+            index,
+            request: Some(&request),
+        };
+        match request.command {
+            Command::Merge { .. } => sm.apply_merge(index, &request, vec![]).unwrap(),
+            Command::Split { .. } => sm.apply_split(index, &request, vec![], vec![]).unwrap(),
+            _ => sm.apply(&[entry], index, vec![]).unwrap().remove(0),
+        }
+    }
+
+    fn outcome(r: WriteResponse) -> StepOutcome {
+        match r {
+            WriteResponse::Frozen { shard } | WriteResponse::Unfrozen { shard } | WriteResponse::Merged { shard } => {
+                StepOutcome::Done(shard)
+            }
+            WriteResponse::MergeRefused { shard, reason } => StepOutcome::Refused { shard, reason },
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    impl FakeOps {
+        /// The default keyspace split at "m" into L and R (both at epoch 2), `keys` written to R,
+        /// and the catalog marking R as merging into L at those epochs.
+        fn new(keys: usize, limit: u64) -> FakeOps {
+            let engine = MemoryEngine::new();
+            let whole = ShardState::whole_keyspace(DEFAULT_KEYSPACE, false);
+            let mut left = KvStateMachine::open(engine.clone(), L, whole.clone()).unwrap();
+            let WriteResponse::Split { left: ls, right: rs } = apply_one(
+                &mut left,
+                Command::Split {
+                    at: whole.data_key(b"m"),
+                    new_group: R,
+                    expected_epoch: 1,
+                },
+            ) else {
+                panic!("split refused")
+            };
+            let mut right = KvStateMachine::open(engine.clone(), R, rs.clone()).unwrap();
+            for n in 0..keys {
+                apply_one(
+                    &mut right,
+                    Command::Put {
+                        key: format!("r{n:04}").into_bytes(),
+                        value: vec![b'v'; 100],
+                    },
+                );
+            }
+            let desc = |id, shard: ShardState, merge| ShardDesc {
+                id,
+                shard,
+                replicas: vec![1, 2, 3],
+                bootstrap: false,
+                merge,
+            };
+            let mark = MergeMark {
+                into: L,
+                left_epoch: 2,
+                right_epoch: 2,
+            };
+            FakeOps {
+                sms: Mutex::new(HashMap::from([(L, left), (R, right)])),
+                catalog: Mutex::new(BTreeMap::from([
+                    (L, desc(L, ls, None)),
+                    (R, desc(R, rs, Some(mark))),
+                ])),
+                before_absorb: Mutex::new(None),
+                limit,
+                steps: Mutex::new(Vec::new()),
+            }
+        }
+
+        async fn drive(&self) -> Result<ShardDesc, MergeError> {
+            let (left, right) = {
+                let c = self.catalog.lock().unwrap();
+                (c[&L].clone(), c[&R].clone())
+            };
+            let mark = right.merge.clone().expect("R is marked");
+            drive(self, &left, &right, &mark).await
+        }
+
+        fn shard(&self, group: u64) -> ShardState {
+            self.sms.lock().unwrap()[&group].shard().clone()
+        }
+
+        fn steps(&self) -> Vec<&'static str> {
+            self.steps.lock().unwrap().clone()
+        }
+    }
+
+    impl MergeOps for FakeOps {
+        fn step<'a>(&'a self, _: &'a [u64], step: MergeStep) -> BoxFuture<'a, Result<StepOutcome, MergeError>> {
+            Box::pin(async move {
+                self.steps.lock().unwrap().push(step.name());
+                if matches!(step, MergeStep::Absorb { .. }) {
+                    if let Some(f) = self.before_absorb.lock().unwrap().take() {
+                        f(&mut self.sms.lock().unwrap());
+                    }
+                }
+                let mut sms = self.sms.lock().unwrap();
+                Ok(match step {
+                    MergeStep::Freeze { group, expected_epoch } => {
+                        outcome(apply_one(sms.get_mut(&group).unwrap(), Command::Freeze { expected_epoch }))
+                    }
+                    MergeStep::Unfreeze { group, frozen_epoch } => {
+                        outcome(apply_one(sms.get_mut(&group).unwrap(), Command::Unfreeze { frozen_epoch }))
+                    }
+                    MergeStep::Describe { group } => StepOutcome::Done(sms[&group].shard().clone()),
+                    MergeStep::Export { .. } => panic!("the driver never exports itself"),
+                    MergeStep::Absorb {
+                        left,
+                        expected_left_epoch,
+                        right,
+                        right_frozen_epoch,
+                        ..
+                    } => match sms[&right].export_for_merge(self.limit).unwrap() {
+                        MergeExport::Ready(source) if source.shard.epoch == right_frozen_epoch => outcome(apply_one(
+                            sms.get_mut(&left).unwrap(),
+                            Command::Merge {
+                                right_group: right,
+                                expected_left_epoch,
+                                source,
+                            },
+                        )),
+                        MergeExport::TooLarge { limit } => StepOutcome::TooLarge { limit },
+                        other => panic!("export: {other:?}"),
+                    },
+                })
+            })
+        }
+
+        fn finish(&self, left: u64, right: u64, merged: ShardState) -> BoxFuture<'_, Result<ShardDesc, MergeError>> {
+            Box::pin(async move {
+                let mut c = self.catalog.lock().unwrap();
+                c.remove(&right);
+                let l = c.get_mut(&left).unwrap();
+                l.shard = merged;
+                Ok(l.clone())
+            })
+        }
+
+        fn clear_mark(&self, right: u64, right_now: Option<ShardState>) -> BoxFuture<'_, Result<(), MergeError>> {
+            Box::pin(async move {
+                let mut c = self.catalog.lock().unwrap();
+                let r = c.get_mut(&right).unwrap();
+                r.merge = None;
+                if let Some(now) = right_now {
+                    r.shard = now;
+                }
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_merge_runs_freeze_absorb_and_records_the_result() {
+        let ops = FakeOps::new(20, MAX_MERGE_BYTES);
+        let merged = ops.drive().await.expect("merge");
+        assert_eq!(merged.id, L);
+        assert_eq!(merged.shard, ops.shard(L));
+        assert_eq!(merged.shard.end, keycodec_end());
+        assert_eq!(merged.shard.epoch, 4, "past the frozen right side's epoch 3");
+        assert!(ops.catalog.lock().unwrap().get(&R).is_none());
+        assert_eq!(ops.sms.lock().unwrap()[&L].get(b"r0007").unwrap(), Some(vec![b'v'; 100]));
+        assert_eq!(ops.steps(), vec!["describe", "freeze", "absorb"]);
+        // Driving the same mark again (a resumed driver) only finishes the catalog step.
+        let again = {
+            let right = ShardDesc {
+                merge: None,
+                ..merged.clone()
+            };
+            let right = ShardDesc {
+                id: R,
+                shard: ShardState {
+                    start: ops.shard(L).data_key(b"m"),
+                    epoch: 2,
+                    ..right.shard
+                },
+                ..right
+            };
+            let left = ops.catalog.lock().unwrap()[&L].clone();
+            drive(
+                &ops,
+                &left,
+                &right,
+                &MergeMark {
+                    into: L,
+                    left_epoch: 2,
+                    right_epoch: 2,
+                },
+            )
+            .await
+            .expect("resumed")
+        };
+        assert_eq!(again.shard, merged.shard);
+        assert_eq!(&ops.steps()[3..], ["describe"]);
+    }
+
+    fn keycodec_end() -> Vec<u8> {
+        basalt_proto::keycodec::keyspace_range(DEFAULT_KEYSPACE).1
+    }
+
+    #[tokio::test]
+    async fn a_merge_whose_left_side_split_in_between_is_undone() {
+        let ops = FakeOps::new(5, MAX_MERGE_BYTES);
+        *ops.before_absorb.lock().unwrap() = Some(Box::new(|sms: &mut HashMap<u64, KvStateMachine>| {
+            let left = sms.get_mut(&L).unwrap();
+            let at = left.shard().data_key(b"c");
+            let r = apply_one(
+                left,
+                Command::Split {
+                    at,
+                    new_group: 9,
+                    expected_epoch: 2,
+                },
+            );
+            assert!(matches!(r, WriteResponse::Split { .. }));
+        }));
+        let err = ops.drive().await.expect_err("refused");
+        assert!(matches!(err, MergeError::Abandoned { left: L, right: R, .. }), "{err}");
+        assert_eq!(ops.steps(), vec!["describe", "freeze", "absorb", "unfreeze"]);
+        // The right side serves writes again, at a new epoch the catalog records, unmarked.
+        let right = ops.shard(R);
+        assert!(!right.frozen && right.epoch == 4, "{right:?}");
+        let put = apply_one(
+            ops.sms.lock().unwrap().get_mut(&R).unwrap(),
+            Command::Put {
+                key: b"x".to_vec(),
+                value: b"1".to_vec(),
+            },
+        );
+        assert_eq!(put, WriteResponse::Put);
+        let c = ops.catalog.lock().unwrap();
+        assert_eq!((c[&R].merge.clone(), c[&R].shard.clone()), (None, right));
+        assert_eq!(c[&L].shard.epoch, 2, "the left descriptor was not touched");
+        assert!(ops.sms.lock().unwrap()[&L].get(b"r0001").is_err(), "nothing was merged");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_merge_whose_left_side_moved_on_unfreezes_the_right_side() {
+        let ops = FakeOps::new(5, MAX_MERGE_BYTES);
+        {
+            // A driver froze R, then died; L split meanwhile.
+            let mut sms = ops.sms.lock().unwrap();
+            apply_one(sms.get_mut(&R).unwrap(), Command::Freeze { expected_epoch: 2 });
+            let left = sms.get_mut(&L).unwrap();
+            let at = left.shard().data_key(b"c");
+            apply_one(
+                left,
+                Command::Split {
+                    at,
+                    new_group: 9,
+                    expected_epoch: 2,
+                },
+            );
+        }
+        assert!(matches!(ops.drive().await, Err(MergeError::Abandoned { .. })));
+        assert_eq!(ops.steps(), vec!["describe", "unfreeze"]);
+        assert!(!ops.shard(R).frozen);
+        assert!(ops.catalog.lock().unwrap()[&R].merge.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_right_side_too_large_is_not_merged_and_unfrozen() {
+        let ops = FakeOps::new(50, 1_000);
+        let err = ops.drive().await.expect_err("too large");
+        assert!(err.to_string().contains("more than 1000 bytes"), "{err}");
+        assert!(!ops.shard(R).frozen);
+        assert_eq!(ops.shard(L).epoch, 2);
+        assert!(ops.catalog.lock().unwrap()[&R].merge.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_right_side_that_changed_before_its_freeze_is_left_alone() {
+        let ops = FakeOps::new(5, MAX_MERGE_BYTES);
+        {
+            let mut sms = ops.sms.lock().unwrap();
+            let right = sms.get_mut(&R).unwrap();
+            apply_one(right, Command::Freeze { expected_epoch: 2 });
+            apply_one(right, Command::Unfreeze { frozen_epoch: 3 });
+        }
+        assert!(matches!(ops.drive().await, Err(MergeError::Abandoned { .. })));
+        assert_eq!(ops.steps(), vec!["describe", "freeze"]);
+        let c = ops.catalog.lock().unwrap();
+        assert!(c[&R].merge.is_none());
+        assert_eq!(c[&R].shard.epoch, 4);
+    }
+
+    #[test]
+    fn a_local_group_is_stale_only_when_newer_catalog_shards_cover_it() {
+        let whole = ShardState::whole_keyspace(DEFAULT_KEYSPACE, false);
+        let at = |k: &[u8]| whole.data_key(k);
+        let shard = |start: Vec<u8>, end: Vec<u8>, epoch| ShardState {
+            start,
+            end,
+            epoch,
+            ..whole.clone()
+        };
+        let mut view = Catalog::default();
+        let put = |view: &mut Catalog, id, s: ShardState| {
+            view.shards.insert(
+                id,
+                ShardDesc {
+                    id,
+                    shard: s,
+                    replicas: vec![1],
+                    bootstrap: false,
+                    merge: None,
+                },
+            );
+        };
+        put(&mut view, 2, shard(whole.start.clone(), at(b"m"), 4));
+        put(&mut view, 5, shard(at(b"m"), whole.end.clone(), 6));
+        // A merged-away group inside shard 2's range, at an older epoch.
+        assert!(stale(&view, &shard(at(b"c"), at(b"f"), 3)));
+        // Spanning both catalog shards, both newer.
+        assert!(stale(&view, &shard(at(b"c"), at(b"x"), 3)));
+        // A split child not recorded yet: its epoch is the parent's new one, above the catalog's.
+        assert!(!stale(&view, &shard(at(b"c"), at(b"f"), 5)));
+        assert!(!stale(&view, &shard(at(b"c"), at(b"x"), 4)), "shard 2 is not newer");
+        // Catalog shards that leave a gap prove nothing.
+        view.shards.remove(&5);
+        assert!(!stale(&view, &shard(at(b"c"), at(b"x"), 1)));
+    }
+}
