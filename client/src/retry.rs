@@ -23,7 +23,7 @@ use std::future::Future;
 use basalt_proto::v1::{
     AddMemberResponse, ClusterStatusResponse, CompareAndSwapResponse, CreateKeyspaceResponse, DeleteResponse,
     DescribeKeyspaceResponse, DropKeyspaceResponse, GetResponse, ListKeyspacesResponse, ListShardsResponse,
-    MoveShardResponse, PutResponse, RemoveMemberResponse, ResponseHeader, ScanResponse, SplitShardResponse,
+    MergeShardResponse, MoveShardResponse, PutResponse, RemoveMemberResponse, ResponseHeader, ScanResponse, SplitShardResponse,
     TransferLeaderResponse, TransferShardLeaderResponse,
 };
 use std::time::Duration;
@@ -72,6 +72,7 @@ impl_has_header!(
     SplitShardResponse,
     MoveShardResponse,
     TransferShardLeaderResponse,
+    MergeShardResponse,
 );
 
 /// When an operation started and when it must end; `DeadlineExceeded` reports the time between
