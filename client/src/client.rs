@@ -31,8 +31,8 @@ use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::{
     AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, CompareAndSwapRequest, CreateKeyspaceRequest,
     DeleteRequest, DescribeKeyspaceRequest, DropKeyspaceRequest, GetRequest, Keyspace, ListKeyspacesRequest,
-    ListShardsRequest, MoveShardRequest, PutRequest, RemoveMemberRequest, ScanRequest, ScanResponse, Shard,
-    MergeShardRequest, Sharding as WireSharding, SplitShardRequest, TransferLeaderRequest, TransferShardLeaderRequest,
+    ListShardsRequest, MergeShardRequest, MoveShardRequest, PutRequest, RemoveMemberRequest, ScanRequest, ScanResponse,
+    Shard, Sharding as WireSharding, SplitShardRequest, TransferLeaderRequest, TransferShardLeaderRequest,
 };
 use basalt_proto::Dialer;
 use bytes::Bytes;

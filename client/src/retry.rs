@@ -23,8 +23,8 @@ use std::future::Future;
 use basalt_proto::v1::{
     AddMemberResponse, ClusterStatusResponse, CompareAndSwapResponse, CreateKeyspaceResponse, DeleteResponse,
     DescribeKeyspaceResponse, DropKeyspaceResponse, GetResponse, ListKeyspacesResponse, ListShardsResponse,
-    MergeShardResponse, MoveShardResponse, PutResponse, RemoveMemberResponse, ResponseHeader, ScanResponse, SplitShardResponse,
-    TransferLeaderResponse, TransferShardLeaderResponse,
+    MergeShardResponse, MoveShardResponse, PutResponse, RemoveMemberResponse, ResponseHeader, ScanResponse,
+    SplitShardResponse, TransferLeaderResponse, TransferShardLeaderResponse,
 };
 use std::time::Duration;
 use tokio::time::Instant;

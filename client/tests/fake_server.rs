@@ -702,7 +702,7 @@ impl Admin for FakeNode {
     /// shards by position, so the shards after them are renumbered).
     async fn merge_shard(&self, req: Request<MergeShardRequest>) -> Result<Response<MergeShardResponse>, Status> {
         let req = req.into_inner();
-        self.admit(Seen::AdminCall(AdminCall::MergeShard(req.clone())), Op::Admin, "")?;
+        self.admit(Seen::AdminCall(AdminCall::MergeShard(req)), Op::Admin, "")?;
         let (ks_id, index) = ((req.shard_id / 100) as u32, (req.shard_id % 100) as usize);
         let mut keyspaces = self.keyspaces.lock();
         let ks = keyspaces
@@ -1482,13 +1482,25 @@ async fn merge_shard_names_the_right_neighbour_it_found() {
     let client = client(&[follower_addr]).await;
     let merge = client.merge_shard(201).await.expect("merge");
     assert_eq!((merge.shard.id, merge.absorbed, merge.shard.epoch), (201, 202, 2));
-    assert_eq!((merge.shard.start_display.as_str(), merge.shard.end_display.as_str()), ("16384", "49152"));
+    assert_eq!(
+        (merge.shard.start_display.as_str(), merge.shard.end_display.as_str()),
+        ("16384", "49152")
+    );
     // The last shard has none; the server says so and the call is not retried.
     let err = client.merge_shard(202).await.expect_err("last shard");
     assert!(matches!(err, ClientError::InvalidArgument { .. }), "{err:?}");
     // An unknown shard is sent as is (no neighbour named), for the server to refuse.
     let err = client.merge_shard(999).await.expect_err("unknown shard");
-    assert!(matches!(err, ClientError::Server { code: Code::NotFound, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ClientError::Server {
+                code: Code::NotFound,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert_eq!(follower.admin_calls().len(), 1, "the first call followed the hint");
     let merges: Vec<AdminCall> = leader
         .admin_calls()
@@ -1741,8 +1753,14 @@ async fn basaltctl_keyspace_and_shard_commands() {
         .expect("merge");
     assert_eq!(code, EXIT_OK);
     let v: serde_json::Value = serde_json::from_str(&json).expect("output is JSON");
-    assert_eq!((v["absorbed"].as_u64(), v["shard"]["id"].as_u64()), (Some(202), Some(201)));
-    assert_eq!((v["shard"]["start"].as_str(), v["shard"]["end"].as_str()), (Some("16384"), Some("")));
+    assert_eq!(
+        (v["absorbed"].as_u64(), v["shard"]["id"].as_u64()),
+        (Some(202), Some(201))
+    );
+    assert_eq!(
+        (v["shard"]["start"].as_str(), v["shard"]["end"].as_str()),
+        (Some("16384"), Some(""))
+    );
     let merges: Vec<MergeShardRequest> = node
         .admin_calls()
         .into_iter()
@@ -1764,7 +1782,9 @@ async fn basaltctl_keyspace_and_shard_commands() {
             }
         ]
     );
-    let err = ctl(&client, &["shard", "merge", "201"]).await.expect_err("no neighbour");
+    let err = ctl(&client, &["shard", "merge", "201"])
+        .await
+        .expect_err("no neighbour");
     assert_eq!(err.exit_code(), EXIT_USAGE, "the server refused the request itself");
 
     assert_eq!(

@@ -21,9 +21,9 @@ use basalt_proto::v1::{
     CreateKeyspaceResponse, DescribeKeyspaceRequest, DescribeKeyspaceResponse, DropKeyspaceRequest,
     DropKeyspaceResponse, ListKeyspacesRequest, ListKeyspacesResponse, ListShardsRequest, ListShardsResponse, Member,
     MergeShardRequest, MergeShardResponse, MergeStepRequest, MergeStepResponse, MoveShardRequest, MoveShardResponse,
-    NodeStatusRequest, RemoveMemberRequest, RemoveMemberResponse, Role as PbRole,
-    Shard as PbShard, Sharding, SplitShardRequest, SplitShardResponse, TransferLeaderRequest, TransferLeaderResponse,
-    TransferShardLeaderRequest, TransferShardLeaderResponse,
+    NodeStatusRequest, RemoveMemberRequest, RemoveMemberResponse, Role as PbRole, Shard as PbShard, Sharding,
+    SplitShardRequest, SplitShardResponse, TransferLeaderRequest, TransferLeaderResponse, TransferShardLeaderRequest,
+    TransferShardLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 

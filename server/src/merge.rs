@@ -43,9 +43,7 @@ use basalt_consensus::raft::RaftGroup;
 use basalt_consensus::{BoxFuture, Replication, ReplicationError, Role};
 use basalt_proto::v1::admin_client::AdminClient;
 use basalt_proto::v1::{MergeStepRequest, MergeStepResponse};
-use basalt_storage::{
-    Command, MergeExport, MergeSource, ShardState, WriteRequest, WriteResponse, MAX_MERGE_BYTES,
-};
+use basalt_storage::{Command, MergeExport, MergeSource, ShardState, WriteRequest, WriteResponse, MAX_MERGE_BYTES};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tonic::{Response, Status};
@@ -230,12 +228,7 @@ fn unexpected(what: &str, r: WriteResponse) -> ReplicationError {
 }
 
 async fn run_step(p: &Placement, g: &RaftGroup, step: &MergeStep) -> Result<StepOutcome, ReplicationError> {
-    let propose = |command| {
-        g.propose(WriteRequest {
-            session: None,
-            command,
-        })
-    };
+    let propose = |command| g.propose(WriteRequest { session: None, command });
     match step {
         MergeStep::Freeze { expected_epoch, .. } => {
             match propose(Command::Freeze {
@@ -520,7 +513,9 @@ impl MergeOps for ClusterOps<'_> {
                     answers.push(answer);
                 }
                 for answer in answers {
-                    match answer.and_then(|resp| decode::<StepOutcome>("merge step outcome", &resp.into_inner().outcome)) {
+                    match answer
+                        .and_then(|resp| decode::<StepOutcome>("merge step outcome", &resp.into_inner().outcome))
+                    {
                         Ok(outcome) => return Ok(outcome),
                         Err(s) => last = s.message().to_string(),
                     }
@@ -539,9 +534,7 @@ impl MergeOps for ClusterOps<'_> {
                 .placement
                 .change(|view, txn| {
                     let Some(l) = view.shards.get(&left) else {
-                        return Err(PlacementError::NotFound(format!(
-                            "shard {left} is not in the catalog"
-                        )));
+                        return Err(PlacementError::NotFound(format!("shard {left} is not in the catalog")));
                     };
                     let mut l = l.clone();
                     if l.shard.epoch < merged.epoch {
@@ -604,11 +597,12 @@ fn check_mergeable(view: &Catalog, left: &ShardDesc, right: &ShardDesc) -> Resul
             left.id
         )));
     }
-    if let Some(other) = view
-        .shards
-        .values()
-        .find(|s| s.id != right.id && s.merge.as_ref().is_some_and(|m| m.into == left.id || m.into == right.id))
-    {
+    if let Some(other) = view.shards.values().find(|s| {
+        s.id != right.id
+            && s.merge
+                .as_ref()
+                .is_some_and(|m| m.into == left.id || m.into == right.id)
+    }) {
         return Err(PlacementError::Conflict(format!(
             "shard {} is being merged into a neighbour of this merge",
             other.id
@@ -683,7 +677,9 @@ pub async fn merge_shard(p: &Placement, left: u64, right: Option<u64>) -> Result
     tracing::info!(left = l_id, right = r_id, ?mark, "merging shards");
     let view = p.catalog()?;
     let (Some(l), Some(r)) = (view.shards.get(&l_id), view.shards.get(&r_id)) else {
-        return Err(PlacementError::Conflict("the shards changed while the merge started".into()));
+        return Err(PlacementError::Conflict(
+            "the shards changed while the merge started".into(),
+        ));
     };
     Ok(drive(&ClusterOps { placement: p }, l, r, &mark).await?)
 }
@@ -841,10 +837,7 @@ mod tests {
             };
             FakeOps {
                 sms: Mutex::new(HashMap::from([(L, left), (R, right)])),
-                catalog: Mutex::new(BTreeMap::from([
-                    (L, desc(L, ls, None)),
-                    (R, desc(R, rs, Some(mark))),
-                ])),
+                catalog: Mutex::new(BTreeMap::from([(L, desc(L, ls, None)), (R, desc(R, rs, Some(mark)))])),
                 before_absorb: Mutex::new(None),
                 limit,
                 steps: Mutex::new(Vec::new()),
@@ -880,12 +873,14 @@ mod tests {
                 }
                 let mut sms = self.sms.lock().unwrap();
                 Ok(match step {
-                    MergeStep::Freeze { group, expected_epoch } => {
-                        outcome(apply_one(sms.get_mut(&group).unwrap(), Command::Freeze { expected_epoch }))
-                    }
-                    MergeStep::Unfreeze { group, frozen_epoch } => {
-                        outcome(apply_one(sms.get_mut(&group).unwrap(), Command::Unfreeze { frozen_epoch }))
-                    }
+                    MergeStep::Freeze { group, expected_epoch } => outcome(apply_one(
+                        sms.get_mut(&group).unwrap(),
+                        Command::Freeze { expected_epoch },
+                    )),
+                    MergeStep::Unfreeze { group, frozen_epoch } => outcome(apply_one(
+                        sms.get_mut(&group).unwrap(),
+                        Command::Unfreeze { frozen_epoch },
+                    )),
                     MergeStep::Describe { group } => StepOutcome::Done(sms[&group].shard().clone()),
                     MergeStep::Export { .. } => panic!("the driver never exports itself"),
                     MergeStep::Absorb {
@@ -942,7 +937,10 @@ mod tests {
         assert_eq!(merged.shard.end, keycodec_end());
         assert_eq!(merged.shard.epoch, 4, "past the frozen right side's epoch 3");
         assert!(ops.catalog.lock().unwrap().get(&R).is_none());
-        assert_eq!(ops.sms.lock().unwrap()[&L].get(b"r0007").unwrap(), Some(vec![b'v'; 100]));
+        assert_eq!(
+            ops.sms.lock().unwrap()[&L].get(b"r0007").unwrap(),
+            Some(vec![b'v'; 100])
+        );
         assert_eq!(ops.steps(), vec!["describe", "freeze", "absorb"]);
         // Driving the same mark again (a resumed driver) only finishes the catalog step.
         let again = {

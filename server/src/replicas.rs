@@ -13,8 +13,9 @@
 //!   Two local replicas over one key would write the same engine keys. A merge widens a replica
 //!   over its neighbour's range only after the neighbour's local replica was retired
 //!   ([`Replicas::claim`]), and a leftover replica of a merged-away group is removed keeping the
-//!   data other local replicas own ([`Replicas::retire_stale`]); both run under the same lock
-//!   as creation, so none of the three sees a half-done other.
+//!   data other local replicas own ([`Replicas::retire_stale`]); the two run under one lock, so
+//!   the second never deletes data the first just handed to the merged replica. (Not under the
+//!   creation lock: a replica being opened replays its log, merges included, while that is held.)
 //! - **Lookup by key trusts the state machines, not the index**: the index (shard start → group)
 //!   is a cache refreshed when a lookup finds it stale; the group's own applied shard decides.
 
@@ -45,8 +46,11 @@ pub struct Replicas {
     /// Shard start → group id, per keyspace; a cache (see the module docs).
     index: RwLock<BTreeMap<Vec<u8>, u64>>,
     /// Serialises creation so that two paths (a split hook and the reconciler) never open the same
-    /// group twice, and creation with the retiring of merged-away replicas.
+    /// group twice.
     creating: tokio::sync::Mutex<()>,
+    /// Serialises claims (a replica widening over merged-away ones) with the removal of leftover
+    /// merged-away replicas.
+    claims: tokio::sync::Mutex<()>,
     on_split: RwLock<Option<SplitHook>>,
     on_claim: RwLock<Option<ClaimHook>>,
 }
@@ -69,6 +73,7 @@ impl Replicas {
             registry: GroupRegistry::default(),
             index: RwLock::new(BTreeMap::new()),
             creating: tokio::sync::Mutex::new(()),
+            claims: tokio::sync::Mutex::new(()),
             on_split: RwLock::new(None),
             on_claim: RwLock::new(None),
         })
@@ -135,20 +140,46 @@ impl Replicas {
     /// Opens the replica of `group` (creating its record first if it has none): the group's
     /// Raft state and state machine are recovered if they exist, else it starts empty.
     pub async fn open(&self, group: u64, shard: ShardState) -> Result<Arc<RaftGroup>, ReplicationError> {
+        match self.open_inner(group, shard, true).await? {
+            Some(g) => Ok(g),
+            None => Err(ReplicationError::Stopped(format!(
+                "group {group} has no replica record and none was created"
+            ))),
+        }
+    }
+
+    /// Opens the replica of `group` at start-up, if the engine still records it: a merge replayed
+    /// by a replica opened earlier may have removed it since the records were listed.
+    pub async fn reopen(&self, group: u64, shard: ShardState) -> Result<Option<Arc<RaftGroup>>, ReplicationError> {
+        self.open_inner(group, shard, false).await
+    }
+
+    /// [`Replicas::open`]; with `create` false, a group without a replica record is not opened.
+    async fn open_inner(
+        &self,
+        group: u64,
+        shard: ShardState,
+        create: bool,
+    ) -> Result<Option<Arc<RaftGroup>>, ReplicationError> {
         if let Some(g) = self.get(group) {
-            return Ok(g);
+            return Ok(Some(g));
         }
         let _guard = self.creating.lock().await;
         if let Some(g) = self.get(group) {
-            return Ok(g);
+            return Ok(Some(g));
+        }
+        let key = replica_key(group);
+        let recorded = self.engine.get(Cf::Meta, &key)?.is_some();
+        if !recorded && !create {
+            tracing::info!(group, "not reopening a replica merged away since start-up began");
+            return Ok(None);
         }
         if let Some(other) = self.overlapping(group, &shard) {
             return Err(ReplicationError::Membership(format!(
                 "group {group} would overlap local group {other}"
             )));
         }
-        let key = replica_key(group);
-        if self.engine.get(Cf::Meta, &key)?.is_none() {
+        if !recorded {
             let mut batch = WriteBatch::new();
             let record = encode_record(&key, &shard.encode()?);
             batch.put(Cf::Meta, key, record);
@@ -165,27 +196,14 @@ impl Replicas {
         self.registry.insert(g.clone());
         self.invalidate_index();
         tracing::info!(group, "opened replica");
-        Ok(g)
-    }
-
-    /// Opens the replica of `group` at start-up, if the engine still records it: a merge replayed
-    /// by a replica opened earlier may have removed it since the records were listed.
-    pub async fn reopen(&self, group: u64, shard: ShardState) -> Result<Option<Arc<RaftGroup>>, ReplicationError> {
-        {
-            let _guard = self.creating.lock().await;
-            if self.engine.get(Cf::Meta, &replica_key(group))?.is_none() {
-                tracing::info!(group, "not reopening a replica merged away since start-up began");
-                return Ok(None);
-            }
-        }
-        self.open(group, shard).await.map(Some)
+        Ok(Some(g))
     }
 
     /// Before `claimer` serves `shard` (a merge it is about to apply, a snapshot of a merged
     /// shard it is about to install): retires every other local replica whose range overlaps
     /// `shard` and whose epoch is older, keeping the data, which is `claimer`'s from now on.
     pub async fn claim(&self, claimer: u64, shard: &ShardState) -> Result<(), ReplicationError> {
-        let _guard = self.creating.lock().await;
+        let _guard = self.claims.lock().await;
         for g in self.registry.all() {
             let s = g.reader().shard();
             if g.group_id() == claimer || s.keyspace != shard.keyspace || !s.overlaps(shard) {
@@ -203,7 +221,11 @@ impl Replicas {
             }
             self.stop_for_good(&g).await;
             self.forget(g.group_id(), &[])?;
-            tracing::info!(group = g.group_id(), into = claimer, "retired the replica of a merged-away group");
+            tracing::info!(
+                group = g.group_id(),
+                into = claimer,
+                "retired the replica of a merged-away group"
+            );
         }
         Ok(())
     }
@@ -211,7 +233,7 @@ impl Replicas {
     /// Removes the local replica of `group`, a group merged away (the catalog no longer has it and
     /// a newer shard covers its range), deleting only the data no other local replica serves.
     pub async fn retire_stale(&self, group: u64) -> Result<(), ReplicationError> {
-        let _guard = self.creating.lock().await;
+        let _guard = self.claims.lock().await;
         let Some(g) = self.registry.get(group) else {
             return Ok(());
         };
@@ -232,7 +254,7 @@ impl Replicas {
         Ok(())
     }
 
-    /// Unregisters `g` and stops it for good (see [`RaftGroup::retire`]). Under `creating`.
+    /// Unregisters `g` and stops it for good (see [`RaftGroup::retire`]). Under `claims`.
     async fn stop_for_good(&self, g: &Arc<RaftGroup>) {
         self.registry.remove(g.group_id());
         self.invalidate_index();
@@ -374,7 +396,10 @@ mod tests {
         };
         assert_eq!(pairs(uncovered(&s, &[])), vec![("c".into(), "m".into())]);
         assert_eq!(
-            pairs(uncovered(&s, &[range(b"a", b"d"), range(b"f", b"h"), range(b"x", b"z")])),
+            pairs(uncovered(
+                &s,
+                &[range(b"a", b"d"), range(b"f", b"h"), range(b"x", b"z")]
+            )),
             vec![("d".into(), "f".into()), ("h".into(), "m".into())]
         );
         assert!(uncovered(&s, &[range(b"a", b"z")]).is_empty());

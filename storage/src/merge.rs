@@ -38,7 +38,9 @@ use crate::record::{decode_record, encode_record};
 use crate::replica::delete_replica_records;
 use crate::session::ClientSession;
 use crate::shard::ShardState;
-use crate::state_machine::{put_applied, AppliedState, ApplyEntry, Command, KvStateMachine, WriteRequest, WriteResponse};
+use crate::state_machine::{
+    put_applied, AppliedState, ApplyEntry, Command, KvStateMachine, WriteRequest, WriteResponse,
+};
 
 /// The most a merged-away shard may hold (data keys and values plus encoded sessions).
 pub const MAX_MERGE_BYTES: u64 = 8 << 20;
@@ -68,9 +70,13 @@ pub struct MergeSource {
 pub enum MergeExport {
     Ready(MergeSource),
     /// This replica has not applied a freeze (it may be behind, or the shard is not frozen).
-    NotFrozen { shard: ShardState },
+    NotFrozen {
+        shard: ShardState,
+    },
     /// The shard holds more than the limit; nothing was returned.
-    TooLarge { limit: u64 },
+    TooLarge {
+        limit: u64,
+    },
 }
 
 /// Applies a [`Command::Freeze`] or [`Command::Unfreeze`] to `shard` (the batch's view of it)
@@ -470,8 +476,12 @@ mod tests {
             WriteResponse::SplitRefused { .. }
         ));
         // The frozen state survives a restart (it is in the applied state).
-        let reopened = KvStateMachine::open(engine.clone(), RIGHT, ShardState::whole_keyspace(DEFAULT_KEYSPACE, false))
-            .unwrap();
+        let reopened = KvStateMachine::open(
+            engine.clone(),
+            RIGHT,
+            ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         assert_eq!(reopened.shard(), shard);
     }
 
@@ -520,8 +530,8 @@ mod tests {
         apply(&mut left, &[put(session(1, 1, 0), "b", "left"), put(None, "c", "left")]);
         apply(&mut left, &[cmd(Command::Freeze { expected_epoch: 2 })]);
         apply(&mut left, &[cmd(Command::Unfreeze { frozen_epoch: 3 })]); // left is at epoch 4
-        // Client 7 has a write applied by the right shard whose answer it never saw (seq 2) and
-        // one it saw (seq 1); client 1 wrote on both sides.
+                                                                         // Client 7 has a write applied by the right shard whose answer it never saw (seq 2) and
+                                                                         // one it saw (seq 1); client 1 wrote on both sides.
         apply(
             &mut right,
             &[
@@ -542,11 +552,20 @@ mod tests {
         let WriteResponse::Merged { shard } = &response else {
             panic!("{response:?}");
         };
-        assert_eq!((shard.start.clone(), shard.end.clone()), (left_before.start, right_shard.end.clone()));
+        assert_eq!(
+            (shard.start.clone(), shard.end.clone()),
+            (left_before.start, right_shard.end.clone())
+        );
         assert_eq!(shard.epoch, 5, "one past the larger epoch (left 4, right 3)");
         assert!(!shard.frozen);
         assert_eq!(left.shard(), shard);
-        for (k, v) in [("a", "before split"), ("b", "left"), ("n", "right"), ("o", "first"), ("zz", "right")] {
+        for (k, v) in [
+            ("a", "before split"),
+            ("b", "left"),
+            ("n", "right"),
+            ("o", "first"),
+            ("zz", "right"),
+        ] {
             assert_eq!(left.get(k.as_bytes()).unwrap(), Some(v.as_bytes().to_vec()), "{k}");
         }
         // The retried CAS the right shard applied is answered from the cache, not applied again
@@ -570,7 +589,11 @@ mod tests {
             apply(&mut left, &[put(session(1, 2, 0), "p", "again")]),
             vec![WriteResponse::Put]
         );
-        assert_eq!(left.get(b"p").unwrap(), Some(b"right".to_vec()), "cached, not re-applied");
+        assert_eq!(
+            left.get(b"p").unwrap(),
+            Some(b"right".to_vec()),
+            "cached, not re-applied"
+        );
         // New writes to the absorbed range apply.
         assert_eq!(apply(&mut left, &[put(None, "q", "new")]), vec![WriteResponse::Put]);
         // The right group's own records are gone from this node, its data is the left's now.
@@ -581,8 +604,12 @@ mod tests {
         assert!(matches!(again, WriteResponse::MergeRefused { .. }));
 
         // The merged state survives a restart.
-        let reopened = KvStateMachine::open(engine.clone(), LEFT, ShardState::whole_keyspace(DEFAULT_KEYSPACE, false))
-            .unwrap();
+        let reopened = KvStateMachine::open(
+            engine.clone(),
+            LEFT,
+            ShardState::whole_keyspace(DEFAULT_KEYSPACE, false),
+        )
+        .unwrap();
         assert_eq!(reopened.shard(), left.shard());
         assert_eq!(reopened.get(b"zz").unwrap(), Some(b"right".to_vec()));
     }
@@ -652,10 +679,7 @@ mod tests {
         let (_, mut right) = split_pair(&engine);
         apply(&mut right, &[put(None, "n", &"v".repeat(100))]);
         apply(&mut right, &[cmd(Command::Freeze { expected_epoch: 2 })]);
-        assert_eq!(
-            right.export_for_merge(50).unwrap(),
-            MergeExport::TooLarge { limit: 50 }
-        );
+        assert_eq!(right.export_for_merge(50).unwrap(), MergeExport::TooLarge { limit: 50 });
         assert!(matches!(right.export_for_merge(10_000).unwrap(), MergeExport::Ready(_)));
     }
 
@@ -703,7 +727,11 @@ mod tests {
             apply(&mut behind, &[put(session(3, 1, 0), "n", "twice")]),
             vec![WriteResponse::Put]
         );
-        assert_eq!(behind.get(b"n").unwrap(), Some(b"right".to_vec()), "answered from the cache");
+        assert_eq!(
+            behind.get(b"n").unwrap(),
+            Some(b"right".to_vec()),
+            "answered from the cache"
+        );
     }
 
     #[test]
@@ -714,7 +742,14 @@ mod tests {
         let r = put(None, "n", "1");
         let index = next_index(&right);
         let err = right
-            .apply(&[ApplyEntry { index, request: Some(&r) }], index, vec![])
+            .apply(
+                &[ApplyEntry {
+                    index,
+                    request: Some(&r),
+                }],
+                index,
+                vec![],
+            )
             .unwrap_err();
         assert!(matches!(err, StorageError::Retired { group: RIGHT }));
         assert_eq!(right.get(b"n").unwrap(), None);

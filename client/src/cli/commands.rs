@@ -18,8 +18,8 @@ use crate::cli::args::{
 use crate::cli::exit::{CliError, Output};
 use crate::cli::format::{
     cas_failed_line, cluster_status_json, cluster_status_table, keyspace_created_line, keyspace_description_json,
-    keyspace_description_table, keyspaces_json, keyspaces_table, kv_lines, shard_merged_json, shard_merged_line, shard_moved_line, shard_split_line,
-    shards_json, shards_table, value_line, ByteStyle,
+    keyspace_description_table, keyspaces_json, keyspaces_table, kv_lines, shard_merged_json, shard_merged_line,
+    shard_moved_line, shard_split_line, shards_json, shards_table, value_line, ByteStyle,
 };
 use crate::cli::scan::{self, KeyRange};
 use crate::client::{Client, Expect};

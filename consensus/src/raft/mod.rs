@@ -164,8 +164,10 @@ impl RaftGroup {
             snapshots.clone(),
             metrics.clone(),
             health.clone(),
-            cfg.on_split.clone(),
-            cfg.on_claim.clone(),
+            state_machine::RangeHooks {
+                on_split: cfg.on_split.clone(),
+                on_claim: cfg.on_claim.clone(),
+            },
         )
         .map_err(|e| ReplicationError::Stopped(format!("state machine: {e}")))?;
         let log = LogStore::new(RaftLog::new(engine, writer, cfg.group_id), health.clone());

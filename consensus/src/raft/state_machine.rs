@@ -121,6 +121,14 @@ fn snapshot_meta(info: &SnapshotInfo) -> io::Result<SnapshotMeta> {
     })
 }
 
+/// What the node does when this replica's range changes: a split creates a group, a merge (or a
+/// snapshot of a merged shard) takes over another's range.
+#[derive(Clone, Default)]
+pub struct RangeHooks {
+    pub on_split: Option<SplitHook>,
+    pub on_claim: Option<ClaimHook>,
+}
+
 pub struct StateMachineStore {
     sm: Arc<RwLock<KvStateMachine>>,
     engine: Arc<dyn Engine>,
@@ -141,8 +149,7 @@ impl StateMachineStore {
         snapshots: SnapshotDir,
         metrics: ConsensusMetrics,
         health: Arc<GroupHealth>,
-        on_split: Option<SplitHook>,
-        on_claim: Option<ClaimHook>,
+        hooks: RangeHooks,
     ) -> io::Result<Self> {
         let applied = decode_applied(sm.read().applied_meta())?;
         Ok(Self {
@@ -153,8 +160,8 @@ impl StateMachineStore {
             snapshots,
             metrics,
             health,
-            on_split,
-            on_claim,
+            on_split: hooks.on_split,
+            on_claim: hooks.on_claim,
         })
     }
 
@@ -367,10 +374,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(io_err)?;
         // A snapshot of this group after it absorbed a neighbour covers more than this replica
         // serves: the node stops a local replica of that neighbour first, as before a merge.
-        let claim = prepared
-            .shard()
-            .filter(|s| !self.sm.read().shard().covers(s))
-            .cloned();
+        let claim = prepared.shard().filter(|s| !self.sm.read().shard().covers(s)).cloned();
         if let (Some(shard), Some(hook)) = (claim, &self.on_claim) {
             hook(self.group, shard).await.map_err(io::Error::other)?;
         }

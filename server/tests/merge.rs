@@ -1,0 +1,240 @@
+//! Shard merges against real `basaltd` processes: a range keyspace split into three shards is
+//! merged back into one while writers keep writing to every shard, and a merge of a shard too
+//! large to merge is refused and undone.
+//!
+//! What a merge must never do shows up here as a failed or lost write: a writer whose request is
+//! in flight while its shard freezes must get its answer (the client retries the `WrongShard`
+//! answers until the merged shard serves the key, within its default deadline), and every write
+//! it was told succeeded must read back afterwards, also from a node restarted after the merge.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use basalt_bench::local_cluster::LocalCluster;
+use basalt_client::{Client, ClientConfig, ClientError, Sharding};
+use bytes::Bytes;
+use common::{client, client_of, start_cluster, verify, write_keys, Load};
+
+/// Retries `f` until it succeeds or 30 s pass (new shards elect leaders, views catch up).
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "{what}: retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+/// The groups node `id` hosts, from its `basalt_raft{group=..}` metrics.
+async fn hosted_groups(cluster: &LocalCluster, id: u64) -> Result<Vec<u64>, String> {
+    let addr = cluster.metrics_addr(id).map_err(|e| e.to_string())?;
+    let text = basalt_bench::metrics_scrape::fetch_metrics(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut groups: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("basalt_raft{"))
+        .filter_map(|l| l.split("group=\"").nth(1)?.split('"').next()?.parse().ok())
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    Ok(groups)
+}
+
+async fn keyspace_client(cluster: &LocalCluster, deadline: Duration, keyspace: &str) -> Client {
+    client(cluster, deadline).await.with_keyspace(keyspace)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_range_shards_merge_back_into_one_while_writers_run() {
+    let (cluster, _) = start_cluster(3, None).await;
+    let admin = client(&cluster, Duration::from_secs(30)).await;
+    admin
+        .create_keyspace("events", Sharding::Range, 1, 3)
+        .await
+        .expect("create the range keyspace");
+    let c = admin.with_keyspace("events");
+    eventually("first write", || async {
+        c.put("a-probe", "1").await.map_err(|e| e.to_string())
+    })
+    .await;
+    let mut expected = write_keys(&c, "k", 300).await;
+    expected.insert(Bytes::from("a-probe"), Bytes::from("1"));
+    let first = admin.list_shards(Some("events"), false).await.expect("list");
+    admin
+        .split_shard(first[0].id, Some(Bytes::from("k-000100")))
+        .await
+        .expect("split at k-000100");
+    let right = admin.list_shards(Some("events"), false).await.expect("list")[1].id;
+    eventually("split at k-000200", || async {
+        admin
+            .split_shard(right, Some(Bytes::from("k-000200")))
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    let before = admin.list_shards(Some("events"), false).await.expect("list");
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    // Writers on every shard ("a-..." and "k-00015-..." sort before and between the split points,
+    // "z-..." after them), with the client's default deadline: none of their writes may fail.
+    let writers = keyspace_client(&cluster, ClientConfig::DEFAULT_DEADLINE, "events").await;
+    let loads = [
+        Load::start(&writers, 2, "a"),
+        Load::start(&writers, 2, "k-00015"),
+        Load::start(&writers, 2, "z"),
+    ];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Merge the last two, then the first with the result: back to one shard.
+    let merged = admin
+        .merge_shard(before[1].id)
+        .await
+        .expect("merge the second shard with the third");
+    assert_eq!((merged.shard.id, merged.absorbed), (before[1].id, before[2].id));
+    assert_eq!(
+        (merged.shard.start.clone(), merged.shard.end.clone()),
+        (before[1].start.clone(), before[2].end.clone())
+    );
+    assert!(merged.shard.epoch > before[1].epoch.max(before[2].epoch), "{merged:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last = admin
+        .merge_shard(before[0].id)
+        .await
+        .expect("merge the first shard with the rest");
+    assert_eq!((last.shard.id, last.absorbed), (before[0].id, before[1].id));
+    assert!(last.shard.epoch > merged.shard.epoch, "{last:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut acked = 0;
+    for load in loads {
+        let r = load.finish().await;
+        assert_eq!(r.unknown, 0, "a write failed while shards merged under it");
+        acked += r.acked.len();
+        expected.extend(r.acked);
+    }
+    assert!(acked > 0, "the writers wrote nothing");
+
+    let after = admin.list_shards(Some("events"), false).await.expect("list");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!((after[0].id, after[0].epoch), (before[0].id, last.shard.epoch));
+    assert_eq!(
+        (after[0].start.clone(), after[0].end.clone()),
+        (before[0].start.clone(), before[2].end.clone())
+    );
+    verify(&c, &expected).await;
+
+    // Every node forgets the merged-away groups, and its catalog lists the one shard.
+    let gone = [before[1].id, before[2].id];
+    for id in cluster.node_ids() {
+        eventually("the merged-away groups leave every node", || async {
+            let groups = hosted_groups(&cluster, id).await?;
+            match groups.contains(&before[0].id) && !gone.iter().any(|g| groups.contains(g)) {
+                true => Ok(()),
+                false => Err(format!("node {id} hosts {groups:?}")),
+            }
+        })
+        .await;
+        let endpoint = cluster.endpoint(id).expect("node exists");
+        let listed = client_of(endpoint)
+            .await
+            .list_shards(Some("events"), false)
+            .await
+            .expect("list");
+        assert_eq!(
+            listed.iter().map(|s| s.id).collect::<Vec<_>>(),
+            [before[0].id],
+            "node {id}"
+        );
+    }
+
+    // A node killed and restarted after the merge comes back with the merged shard alone and all
+    // its data.
+    let restarted = cluster.node_ids()[1];
+    cluster.kill(restarted).expect("kill a node");
+    cluster.restart(restarted).await.expect("restart it");
+    let groups = hosted_groups(&cluster, restarted).await.expect("metrics");
+    assert!(!gone.iter().any(|g| groups.contains(g)), "{groups:?}");
+    let local = client_of(cluster.endpoint(restarted).expect("node exists")).await;
+    let want = expected.len() as u64;
+    eventually("the restarted node's replica holds every key", || async {
+        let shards = local
+            .list_shards(Some("events"), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        match shards.as_slice() {
+            [s] if s.approximate_keys == want => Ok(()),
+            other => Err(format!("{other:?}, want {want} keys")),
+        }
+    })
+    .await;
+    verify(&c, &expected).await;
+    cluster.terminate_all().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_too_large_to_merge_is_refused_and_keeps_serving() {
+    let (cluster, _) = start_cluster(3, None).await;
+    let admin = client(&cluster, Duration::from_secs(30)).await;
+    admin
+        .create_keyspace("blobs", Sharding::Range, 1, 3)
+        .await
+        .expect("create the range keyspace");
+    let c = admin.with_keyspace("blobs");
+    eventually("first write", || async {
+        c.put("a", "1").await.map_err(|e| e.to_string())
+    })
+    .await;
+    let first = admin.list_shards(Some("blobs"), false).await.expect("list");
+    admin
+        .split_shard(first[0].id, Some(Bytes::from("m")))
+        .await
+        .expect("split at m");
+    // 10 MiB behind the split point: more than a merge may carry.
+    let mut expected = BTreeMap::new();
+    let value = Bytes::from(vec![b'x'; 512 << 10]);
+    for n in 0..20 {
+        let key = Bytes::from(format!("n-{n:02}"));
+        eventually("a large write", || async {
+            c.put(key.clone(), value.clone()).await.map_err(|e| e.to_string())
+        })
+        .await;
+        expected.insert(key, value.clone());
+    }
+    let before = admin.list_shards(Some("blobs"), false).await.expect("list");
+    assert_eq!(before.len(), 2);
+
+    let err = admin.merge_shard(before[0].id).await.expect_err("too large");
+    match &err {
+        ClientError::Server { code, message } => {
+            assert_eq!(*code, tonic::Code::FailedPrecondition, "{err:?}");
+            assert!(message.contains("bytes"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Both shards remain, unmarked; the right one was unfrozen (two epochs on) and takes writes.
+    let after = admin.list_shards(Some("blobs"), false).await.expect("list");
+    assert_eq!(
+        after.iter().map(|s| s.id).collect::<Vec<_>>(),
+        before.iter().map(|s| s.id).collect::<Vec<_>>()
+    );
+    assert_eq!(after[0].epoch, before[0].epoch, "the left shard was not touched");
+    assert_eq!(after[1].epoch, before[1].epoch + 2, "frozen, then unfrozen");
+    c.put("n-new", "after the refused merge")
+        .await
+        .expect("the right shard takes writes");
+    expected.insert(Bytes::from("n-new"), Bytes::from("after the refused merge"));
+    verify(&c, &expected).await;
+    cluster.terminate_all().await.expect("clean shutdown");
+}
