@@ -615,7 +615,18 @@ fn check_mergeable(view: &Catalog, left: &ShardDesc, right: &ShardDesc) -> Resul
 /// `left` now), driven here on the meta leader. Elsewhere it fails with the meta group's
 /// `NotLeader`, for the caller to forward. A retry naming a `right` that is gone answers with the
 /// left shard as it is: the merge it asked for was carried out.
+///
+/// The merge runs on a task of its own: a caller that stops waiting (its deadline, a dropped
+/// connection) does not stop it halfway, which would leave the right shard frozen until the next
+/// resume.
 pub async fn merge_shard(p: &Placement, left: u64, right: Option<u64>) -> Result<ShardDesc, PlacementError> {
+    let p = p.clone();
+    tokio::spawn(async move { merge_now(&p, left, right).await })
+        .await
+        .map_err(|e| PlacementError::Conflict(format!("the merge task ended: {e}")))?
+}
+
+async fn merge_now(p: &Placement, left: u64, right: Option<u64>) -> Result<ShardDesc, PlacementError> {
     let meta = p.meta();
     if meta.status().role != Role::Leader {
         return Err(PlacementError::Replication(not_leader(&meta)));

@@ -481,7 +481,11 @@ pub async fn run(placement: Placement, founders: Vec<u64>, mut shutdown: watch::
         }
         if meta.status().role == Role::Leader {
             let p = placement.clone();
-            tokio::spawn(async move { crate::merge::resume_merges(&p).await });
+            tokio::spawn(async move {
+                if let Err(e) = crate::merge::resume_merges(&p).await {
+                    tracing::debug!(error = %e, "resuming merges");
+                }
+            });
         }
         let applied = meta.reader().applied_index();
         if applied == seen {
@@ -499,7 +503,9 @@ async fn reconcile(p: &Placement) -> Result<(), PlacementError> {
     let view = p.catalog()?;
     let addrs = p.addresses();
     for s in view.shards.values() {
-        if !s.bootstrap || !s.replicas.contains(&p.node_id) || p.replicas.get(s.id).is_some() {
+        // A shard being merged away is never re-created: its replica here may have been retired
+        // by the merge already.
+        if !s.bootstrap || s.merge.is_some() || !s.replicas.contains(&p.node_id) || p.replicas.get(s.id).is_some() {
             continue;
         }
         let members: BTreeMap<u64, String> = s

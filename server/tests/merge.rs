@@ -52,6 +52,22 @@ async fn hosted_groups(cluster: &LocalCluster, id: u64) -> Result<Vec<u64>, Stri
     Ok(groups)
 }
 
+/// The shards of `keyspace` once the answering node's catalog shows `count` of them (a node's
+/// catalog may trail the meta leader's by the latest change).
+async fn settled_shards(admin: &Client, keyspace: &str, count: usize) -> Vec<basalt_proto::v1::Shard> {
+    eventually("the catalog shows the merge", || async {
+        let shards = admin
+            .list_shards(Some(keyspace), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        match shards.len() == count {
+            true => Ok(shards),
+            false => Err(format!("{shards:?}")),
+        }
+    })
+    .await
+}
+
 async fn keyspace_client(cluster: &LocalCluster, deadline: Duration, keyspace: &str) -> Client {
     client(cluster, deadline).await.with_keyspace(keyspace)
 }
@@ -126,8 +142,7 @@ async fn three_range_shards_merge_back_into_one_while_writers_run() {
     }
     assert!(acked > 0, "the writers wrote nothing");
 
-    let after = admin.list_shards(Some("events"), false).await.expect("list");
-    assert_eq!(after.len(), 1, "{after:?}");
+    let after = settled_shards(&admin, "events", 1).await;
     assert_eq!((after[0].id, after[0].epoch), (before[0].id, last.shard.epoch));
     assert_eq!(
         (after[0].start.clone(), after[0].end.clone()),
@@ -146,17 +161,18 @@ async fn three_range_shards_merge_back_into_one_while_writers_run() {
             }
         })
         .await;
-        let endpoint = cluster.endpoint(id).expect("node exists");
-        let listed = client_of(endpoint)
-            .await
-            .list_shards(Some("events"), false)
-            .await
-            .expect("list");
-        assert_eq!(
-            listed.iter().map(|s| s.id).collect::<Vec<_>>(),
-            [before[0].id],
-            "node {id}"
-        );
+        let node = client_of(cluster.endpoint(id).expect("node exists")).await;
+        eventually("every node's catalog lists one shard", || async {
+            let listed = node
+                .list_shards(Some("events"), false)
+                .await
+                .map_err(|e| e.to_string())?;
+            match listed.iter().map(|s| s.id).collect::<Vec<_>>() == [before[0].id] {
+                true => Ok(()),
+                false => Err(format!("node {id} lists {listed:?}")),
+            }
+        })
+        .await;
     }
 
     // A node killed and restarted after the merge comes back with the merged shard alone and all
@@ -224,7 +240,17 @@ async fn a_shard_too_large_to_merge_is_refused_and_keeps_serving() {
         other => panic!("{other:?}"),
     }
     // Both shards remain, unmarked; the right one was unfrozen (two epochs on) and takes writes.
-    let after = admin.list_shards(Some("blobs"), false).await.expect("list");
+    let after = eventually("the refused merge is unmarked everywhere", || async {
+        let after = admin
+            .list_shards(Some("blobs"), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        match after.get(1) {
+            Some(r) if r.epoch == before[1].epoch + 2 => Ok(after),
+            _ => Err(format!("{after:?}")),
+        }
+    })
+    .await;
     assert_eq!(
         after.iter().map(|s| s.id).collect::<Vec<_>>(),
         before.iter().map(|s| s.id).collect::<Vec<_>>()
@@ -236,5 +262,72 @@ async fn a_shard_too_large_to_merge_is_refused_and_keeps_serving() {
         .expect("the right shard takes writes");
     expected.insert(Bytes::from("n-new"), Bytes::from("after the refused merge"));
     verify(&c, &expected).await;
+    cluster.terminate_all().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn neighbouring_hash_shards_merge_and_keep_every_key() {
+    let (cluster, _) = start_cluster(3, None).await;
+    let admin = client(&cluster, Duration::from_secs(30)).await;
+    admin
+        .create_keyspace("users", Sharding::Hash, 4, 3)
+        .await
+        .expect("create the hash keyspace");
+    let c = admin.with_keyspace("users");
+    eventually("first write", || async {
+        c.put("probe", "1").await.map_err(|e| e.to_string())
+    })
+    .await;
+    let mut expected = write_keys(&c, "user", 400).await;
+    expected.insert(Bytes::from("probe"), Bytes::from("1"));
+    let before = admin.list_shards(Some("users"), false).await.expect("list");
+    assert_eq!(before.len(), 4);
+
+    // The last two hash ranges become one; the other shards are untouched.
+    let merged = admin.merge_shard(before[2].id).await.expect("merge");
+    assert_eq!(merged.absorbed, before[3].id);
+    assert_eq!(
+        (merged.shard.start_display.as_str(), merged.shard.end_display.as_str()),
+        (before[2].start_display.as_str(), before[3].end_display.as_str())
+    );
+    let after = settled_shards(&admin, "users", 3).await;
+    assert_eq!(
+        after.iter().map(|s| (s.id, s.epoch)).collect::<Vec<_>>(),
+        [
+            (before[0].id, before[0].epoch),
+            (before[1].id, before[1].epoch),
+            (before[2].id, merged.shard.epoch)
+        ]
+    );
+    assert!(after.windows(2).all(|w| w[0].end == w[1].start), "{after:?}");
+    verify(&c, &expected).await;
+
+    // A whole scan of a hash keyspace visits every shard: every key, once.
+    let mut seen = BTreeMap::new();
+    let mut cursor = None;
+    loop {
+        let page = c
+            .scan_from_cursor(Bytes::new(), None, 1000, cursor.clone())
+            .await
+            .expect("scan");
+        for (k, v) in page.kvs {
+            assert!(seen.insert(k, v).is_none(), "a key scanned twice");
+        }
+        if !page.more {
+            break;
+        }
+        cursor = page.cursor;
+    }
+    assert_eq!(seen, expected);
+    for id in cluster.node_ids() {
+        eventually("the merged-away group leaves every node", || async {
+            let groups = hosted_groups(&cluster, id).await?;
+            match groups.contains(&before[3].id) {
+                false => Ok(()),
+                true => Err(format!("node {id} hosts {groups:?}")),
+            }
+        })
+        .await;
+    }
     cluster.terminate_all().await.expect("clean shutdown");
 }
