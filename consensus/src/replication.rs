@@ -123,11 +123,10 @@ impl StateReader {
         self.health.observe(got)
     }
 
-    /// Fences the state machine off the engine for good (see `KvStateMachine::retire`) and
-    /// stops the replica serving reads: its range belongs to another local replica now.
-    pub(crate) fn retire(&self, why: &str) {
+    /// Fences the state machine off the engine for good (see `KvStateMachine::retire`): its
+    /// range belongs to another local replica now.
+    pub(crate) fn retire(&self) {
         self.inner.write().retire();
-        self.health.stop(why.to_string());
     }
 }
 

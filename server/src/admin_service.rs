@@ -46,7 +46,7 @@ pub struct AdminService {
     metrics: ServerMetrics,
 }
 
-pub(crate) fn placement_status(e: PlacementError) -> Status {
+fn placement_status(e: PlacementError) -> Status {
     match e {
         PlacementError::Invalid(m) => Status::invalid_argument(m),
         PlacementError::NotFound(m) => Status::not_found(m),

@@ -27,10 +27,14 @@
 //! * **R is unfrozen only once the merge can never apply.** The merge proposal always carries the
 //!   mark's `left_epoch`, so once L's epoch has moved on without covering R (it split, say), no
 //!   merge of this mark can apply any more, and undoing is safe even while a deposed meta leader
-//!   still drives the same merge. The only other reason to undo is deterministic (R is too large:
-//!   every driver reading the same frozen R finds the same size), so no driver can hold an
-//!   acceptable copy of R while another unfreezes it. Otherwise a merge that cannot proceed
-//!   (R's replicas unreachable) stays marked, R stays frozen, and the next tick tries again.
+//!   still drives the same merge. "L moved on without covering R" does mean the merge never
+//!   applied: after an applied merge L's range cannot shrink before the catalog step, since a split
+//!   is proposed with the catalog's epoch of L (which the merge made stale) and a shard that a
+//!   merge targets is not marked for a merge of its own. The only other reason to undo is
+//!   deterministic (R is too large: every driver reading the same frozen R finds the same size),
+//!   so no driver can hold an acceptable copy of R while another unfreezes it. Otherwise a merge
+//!   that cannot proceed (R's replicas unreachable) stays marked, R stays frozen, and the next
+//!   tick tries again.
 //! * **One merge per shard at a time**: a shard already marked, or the target of a mark, is not
 //!   marked again; on one node, merges are driven one at a time ([`Placement::merge_lock`]).
 //! * **A leftover replica is stale only when the catalog proves it**: absent from the catalog,
@@ -201,17 +205,31 @@ pub async fn serve_step(
             header: Some(header(g.as_ref())),
             outcome: encode(&outcome),
         })),
-        Err(ReplicationError::NotLeader {
+        Err(StepError::Replication(ReplicationError::NotLeader {
             leader_id,
             leader_addr: Some(addr),
-        }) if !forwarded => {
+        })) if !forwarded => {
             forwarder(p)
                 .forward(leader_id, &addr, req, |ch, r| async move {
                     admin_client(ch).merge_step(r).await
                 })
                 .await
         }
-        Err(e) => Err(to_status(e)),
+        Err(StepError::Replication(e)) => Err(to_status(e)),
+        Err(StepError::Unexpected(m)) => Err(Status::internal(m)),
+    }
+}
+
+/// Why a replica could not run a step.
+enum StepError {
+    Replication(ReplicationError),
+    /// The state machine answered what the command cannot produce (a bug, not a condition).
+    Unexpected(String),
+}
+
+impl From<ReplicationError> for StepError {
+    fn from(e: ReplicationError) -> Self {
+        StepError::Replication(e)
     }
 }
 
@@ -223,11 +241,11 @@ fn not_leader(g: &RaftGroup) -> ReplicationError {
     }
 }
 
-fn unexpected(what: &str, r: WriteResponse) -> ReplicationError {
-    ReplicationError::Stopped(format!("the state machine answered {r:?} to a {what}"))
+fn unexpected(what: &str, r: WriteResponse) -> StepError {
+    StepError::Unexpected(format!("the state machine answered {r:?} to a {what}"))
 }
 
-async fn run_step(p: &Placement, g: &RaftGroup, step: &MergeStep) -> Result<StepOutcome, ReplicationError> {
+async fn run_step(p: &Placement, g: &RaftGroup, step: &MergeStep) -> Result<StepOutcome, StepError> {
     let propose = |command| g.propose(WriteRequest { session: None, command });
     match step {
         MergeStep::Freeze { expected_epoch, .. } => {
@@ -256,7 +274,7 @@ async fn run_step(p: &Placement, g: &RaftGroup, step: &MergeStep) -> Result<Step
             g.read_barrier().await?;
             Ok(StepOutcome::Done(g.reader().shard()))
         }
-        MergeStep::Export { frozen_epoch, .. } => export_local(g, *frozen_epoch),
+        MergeStep::Export { frozen_epoch, .. } => Ok(export_local(g, *frozen_epoch)?),
         MergeStep::Absorb {
             expected_left_epoch,
             right,
@@ -266,7 +284,7 @@ async fn run_step(p: &Placement, g: &RaftGroup, step: &MergeStep) -> Result<Step
         } => {
             // Not worth copying the right shard here only to be told to go elsewhere.
             if g.status().role != Role::Leader {
-                return Err(not_leader(g));
+                return Err(not_leader(g).into());
             }
             let source = match fetch_export(p, *right, *right_frozen_epoch, right_replicas).await? {
                 StepOutcome::Export(source) => source,

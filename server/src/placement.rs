@@ -15,7 +15,8 @@
 //!
 //! Not yet here (next steps of the sharding work): replica moves, re-replication when a node
 //! leaves, rebalancing when one joins, leader balancing, automatic split by size and load, and
-//! merge.
+//! choosing small neighbours to merge (carrying a merge out, and finishing one a previous meta
+//! leader left, is [`crate::merge`]'s).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -226,7 +226,7 @@ impl RaftGroup {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(group = self.cfg.group_id, error = %e, "raft shutdown");
         }
-        self.reader.retire("the group was merged into a neighbour on this node");
+        self.reader.retire();
     }
 
     /// Builds a snapshot now (and so allows the log behind it to be purged).
