@@ -331,3 +331,58 @@ async fn neighbouring_hash_shards_merge_and_keep_every_key() {
     }
     cluster.terminate_all().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_down_during_a_merge_catches_up_and_drops_the_absorbed_shard() {
+    // Snapshots every 50 entries, so the merge entry is compacted away before the node returns.
+    let (cluster, _) = start_cluster(3, Some(50)).await;
+    let admin = client(&cluster, Duration::from_secs(30)).await;
+    admin
+        .create_keyspace("events", Sharding::Range, 1, 3)
+        .await
+        .expect("create the range keyspace");
+    let c = admin.with_keyspace("events");
+    eventually("first write", || async {
+        c.put("a-probe", "1").await.map_err(|e| e.to_string())
+    })
+    .await;
+    let mut expected = write_keys(&c, "k", 100).await;
+    expected.insert(Bytes::from("a-probe"), Bytes::from("1"));
+    let first = admin.list_shards(Some("events"), false).await.expect("list");
+    admin
+        .split_shard(first[0].id, Some(Bytes::from("k-000050")))
+        .await
+        .expect("split");
+    let before = settled_shards(&admin, "events", 2).await;
+
+    let down = cluster.node_ids()[2];
+    cluster.kill(down).expect("kill a node");
+    let merged = admin.merge_shard(before[0].id).await.expect("merge without one node");
+    assert_eq!(merged.absorbed, before[1].id);
+    expected.extend(write_keys(&c, "after", 200).await);
+
+    cluster.restart(down).await.expect("restart it");
+    let local = client_of(cluster.endpoint(down).expect("node exists")).await;
+    let want = expected.len() as u64;
+    eventually("the returning node holds the merged shard with every key", || async {
+        let shards = local
+            .list_shards(Some("events"), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        match shards.as_slice() {
+            [s] if s.id == before[0].id && s.approximate_keys == want => Ok(()),
+            other => Err(format!("{other:?}, want {want} keys")),
+        }
+    })
+    .await;
+    eventually("the returning node drops the absorbed shard", || async {
+        let groups = hosted_groups(&cluster, down).await?;
+        match groups.contains(&before[1].id) {
+            false => Ok(()),
+            true => Err(format!("node {down} hosts {groups:?}")),
+        }
+    })
+    .await;
+    verify(&c, &expected).await;
+    cluster.terminate_all().await.expect("clean shutdown");
+}
