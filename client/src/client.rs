@@ -31,8 +31,8 @@ use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::{
     AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, CompareAndSwapRequest, CreateKeyspaceRequest,
     DeleteRequest, DescribeKeyspaceRequest, DropKeyspaceRequest, GetRequest, Keyspace, ListKeyspacesRequest,
-    ListShardsRequest, MoveShardRequest, PlacementStatusRequest, PlacementStatusResponse, PutRequest,
-    RemoveMemberRequest, ScanRequest, ScanResponse, Shard, Sharding as WireSharding, SplitShardRequest,
+    ListShardsRequest, MergeShardRequest, MoveShardRequest, PlacementStatusRequest, PlacementStatusResponse,
+    PutRequest, RemoveMemberRequest, ScanRequest, ScanResponse, Shard, Sharding as WireSharding, SplitShardRequest,
     TransferLeaderRequest, TransferShardLeaderRequest,
 };
 use basalt_proto::Dialer;
@@ -149,6 +149,15 @@ pub struct ShardSplit {
     /// The lower half; it keeps the split shard's id.
     pub left: Shard,
     pub right: Shard,
+}
+
+/// What a [`Client::merge_shard`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardMerge {
+    /// The merged shard: the left shard's id over both ranges, at a new epoch.
+    pub shard: Shard,
+    /// The id of the right neighbour it absorbed.
+    pub absorbed: u64,
 }
 
 /// A handle to a Basalt cluster. Cheap to clone; clones share routing state and the write session.
@@ -609,6 +618,44 @@ impl Client {
             Ok(ShardSplit {
                 left: required(resp.left, "split_shard", "left")?,
                 right: required(resp.right, "split_shard", "right")?,
+            })
+        })
+    }
+
+    /// Merges shard `id` with the next shard of its keyspace, which then no longer exists; meant
+    /// for small neighbours (the server refuses one holding more than 8 MiB). Writes to the
+    /// absorbed shard's keys wait while the merge runs (the client retries them), reads go on.
+    ///
+    /// The neighbour is looked up first and named in the request, so a retry of a merge that was
+    /// applied but unanswered is answered with the merged shard rather than merging the next
+    /// neighbour as well.
+    pub async fn merge_shard(&self, id: u64) -> Result<ShardMerge, ClientError> {
+        let shards = self.list_shards(None, false).await?;
+        let right = shards
+            .iter()
+            .find(|s| s.id == id)
+            .and_then(|left| {
+                shards
+                    .iter()
+                    .find(|s| s.keyspace_id == left.keyspace_id && !left.end.is_empty() && s.start == left.end)
+            })
+            .map_or(0, |s| s.id);
+        call(
+            &self.inner.router,
+            &self.inner.cfg,
+            "merge_shard",
+            || MergeShardRequest {
+                shard_id: id,
+                right_shard_id: right,
+            },
+            |ch, req| async move { AdminClient::new(ch).merge_shard(req).await },
+        )
+        .instrument(tracing::debug_span!("basalt.merge_shard", id, right))
+        .await
+        .and_then(|resp| {
+            Ok(ShardMerge {
+                shard: required(resp.shard, "merge_shard", "shard")?,
+                absorbed: right,
             })
         })
     }

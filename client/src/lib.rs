@@ -50,7 +50,9 @@ mod session;
 
 pub use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, Replica, Role, Shard};
 pub use basalt_proto::Dialer;
-pub use client::{CasOutcome, Client, Expect, KeyspaceDescription, ScanPage, ShardSplit, Sharding, DEFAULT_KEYSPACE};
+pub use client::{
+    CasOutcome, Client, Expect, KeyspaceDescription, ScanPage, ShardMerge, ShardSplit, Sharding, DEFAULT_KEYSPACE,
+};
 pub use config::ClientConfig;
 pub use endpoint::{parse_endpoint_list, EndpointAddr};
 pub use error::ClientError;

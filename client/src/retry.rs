@@ -29,8 +29,8 @@ use std::future::Future;
 use basalt_proto::v1::{
     AddMemberResponse, ClusterStatusResponse, CompareAndSwapResponse, CreateKeyspaceResponse, DeleteResponse,
     DescribeKeyspaceResponse, DropKeyspaceResponse, GetResponse, ListKeyspacesResponse, ListShardsResponse,
-    MoveShardResponse, PlacementStatusResponse, PutResponse, RemoveMemberResponse, ResponseHeader, ScanResponse,
-    SplitShardResponse, TransferLeaderResponse, TransferShardLeaderResponse,
+    MergeShardResponse, MoveShardResponse, PlacementStatusResponse, PutResponse, RemoveMemberResponse, ResponseHeader,
+    ScanResponse, SplitShardResponse, TransferLeaderResponse, TransferShardLeaderResponse,
 };
 use std::time::Duration;
 use tokio::time::Instant;
@@ -80,6 +80,7 @@ impl_has_header!(
     MoveShardResponse,
     TransferShardLeaderResponse,
     PlacementStatusResponse,
+    MergeShardResponse,
 );
 
 /// When an operation started and when it must end; `DeadlineExceeded` reports the time between

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use basalt_client::cli::args::Cli;
 use basalt_client::cli::commands::execute;
-use basalt_client::cli::exit::{CliError, EXIT_FAILURE, EXIT_NEGATIVE, EXIT_OK};
+use basalt_client::cli::exit::{CliError, EXIT_FAILURE, EXIT_NEGATIVE, EXIT_OK, EXIT_USAGE};
 use basalt_client::{Client, ClientConfig, ClientError, Expect, Sharding};
 use basalt_proto::status_with_detail;
 use basalt_proto::v1::admin_server::{Admin, AdminServer};
@@ -86,6 +86,7 @@ enum AdminCall {
     DropKeyspace(String),
     ListShards(ListShardsRequest),
     SplitShard(SplitShardRequest),
+    MergeShard(MergeShardRequest),
     MoveShard(MoveShardRequest),
     TransferShardLeader(TransferShardLeaderRequest),
 }
@@ -150,6 +151,17 @@ impl FakeKeyspace {
         }
     }
 
+    /// A shard bound encoded as the server encodes it (`None`: the keyspace's start or end).
+    fn encoded_bound(&self, pos: Option<&Position>, lower: bool) -> Vec<u8> {
+        let (start, end) = basalt_proto::keycodec::keyspace_range(self.meta.id);
+        match (pos, self.sharding) {
+            (None, _) if lower => start,
+            (None, _) => end,
+            (Some((_, key)), Sharding::Range) => basalt_proto::keycodec::data_key(self.meta.id, &[], key),
+            (Some((hash, _)), Sharding::Hash) => basalt_proto::keycodec::hash_bound(self.meta.id, u32::from(*hash)),
+        }
+    }
+
     fn shards(&self, node_id: u64, with_stats: bool) -> Vec<Shard> {
         (0..self.bounds.len())
             .map(|i| {
@@ -167,8 +179,8 @@ impl FakeKeyspace {
                     id: u64::from(self.meta.id) * 100 + i as u64,
                     keyspace: self.meta.name.clone(),
                     keyspace_id: self.meta.id,
-                    start: lower.1.clone(),
-                    end: upper.map(|u| u.1.clone()).unwrap_or_default(),
+                    start: self.encoded_bound(Some(lower).filter(|_| i > 0), true).into(),
+                    end: self.encoded_bound(upper, false).into(),
                     epoch: 1,
                     replicas: vec![Replica {
                         node_id,
@@ -725,6 +737,38 @@ impl Admin for FakeNode {
 
     async fn node_report(&self, _: Request<NodeReportRequest>) -> Result<Response<NodeReportResponse>, Status> {
         Err(Status::unimplemented("internal; the fake server has no shards"))
+    }
+
+    /// Merges shard `keyspace id * 100 + i` with shard `i + 1` of its keyspace (the fake numbers
+    /// shards by position, so the shards after them are renumbered).
+    async fn merge_shard(&self, req: Request<MergeShardRequest>) -> Result<Response<MergeShardResponse>, Status> {
+        let req = req.into_inner();
+        self.admit(Seen::AdminCall(AdminCall::MergeShard(req)), Op::Admin, "")?;
+        let (ks_id, index) = ((req.shard_id / 100) as u32, (req.shard_id % 100) as usize);
+        let mut keyspaces = self.keyspaces.lock();
+        let ks = keyspaces
+            .values_mut()
+            .find(|ks| ks.meta.id == ks_id && index < ks.bounds.len())
+            .ok_or_else(|| Status::not_found(format!("no shard {}", req.shard_id)))?;
+        if index + 1 >= ks.bounds.len() {
+            return Err(Status::invalid_argument("the last shard has no right neighbour"));
+        }
+        if req.right_shard_id != 0 && req.right_shard_id != req.shard_id + 1 {
+            return Err(Status::invalid_argument("not the right neighbour"));
+        }
+        ks.bounds.remove(index + 1);
+        let shard = Shard {
+            epoch: 2,
+            ..ks.shards(self.node_id, false).swap_remove(index)
+        };
+        Ok(Response::new(MergeShardResponse {
+            header: self.header(),
+            shard: Some(shard),
+        }))
+    }
+
+    async fn merge_step(&self, _: Request<MergeStepRequest>) -> Result<Response<MergeStepResponse>, Status> {
+        Err(Status::unimplemented("internal to basaltd"))
     }
 }
 
@@ -1501,6 +1545,57 @@ async fn admin_keyspace_and_shard_calls_send_what_they_are_given() {
 }
 
 #[tokio::test]
+async fn merge_shard_names_the_right_neighbour_it_found() {
+    let (leader, _, follower, follower_addr) = leader_and_follower().await;
+    leader.add_keyspace("blue", Sharding::Hash, 4, &[]);
+    let client = client(&[follower_addr]).await;
+    let merge = client.merge_shard(201).await.expect("merge");
+    assert_eq!((merge.shard.id, merge.absorbed, merge.shard.epoch), (201, 202, 2));
+    assert_eq!(
+        (merge.shard.start_display.as_str(), merge.shard.end_display.as_str()),
+        ("16384", "49152")
+    );
+    // The last shard has none; the server says so and the call is not retried.
+    let err = client.merge_shard(202).await.expect_err("last shard");
+    assert!(matches!(err, ClientError::InvalidArgument { .. }), "{err:?}");
+    // An unknown shard is sent as is (no neighbour named), for the server to refuse.
+    let err = client.merge_shard(999).await.expect_err("unknown shard");
+    assert!(
+        matches!(
+            err,
+            ClientError::Server {
+                code: Code::NotFound,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(follower.admin_calls().len(), 1, "the first call followed the hint");
+    let merges: Vec<AdminCall> = leader
+        .admin_calls()
+        .into_iter()
+        .filter(|c| matches!(c, AdminCall::MergeShard(_)))
+        .collect();
+    assert_eq!(
+        merges,
+        [
+            AdminCall::MergeShard(MergeShardRequest {
+                shard_id: 201,
+                right_shard_id: 202
+            }),
+            AdminCall::MergeShard(MergeShardRequest {
+                shard_id: 202,
+                right_shard_id: 0
+            }),
+            AdminCall::MergeShard(MergeShardRequest {
+                shard_id: 999,
+                right_shard_id: 0
+            }),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn basaltctl_keyspace_and_shard_commands() {
     let node = FakeNode::new(1, Mode::Leader);
     let addr = start(Arc::clone(&node)).await;
@@ -1714,6 +1809,52 @@ async fn basaltctl_keyspace_and_shard_commands() {
         ]
     );
     assert_eq!(node.seen().last(), Some(&Seen::Admin("transfer_leader")));
+
+    assert_eq!(
+        ctl(&client, &["shard", "merge", "201"]).await.expect("merge"),
+        (
+            "merged shard 202 into 201; 201 now covers 16384..49152 (epoch 2)\n".into(),
+            EXIT_OK
+        )
+    );
+    let (json, code) = ctl(&client, &["shard", "merge", "201", "-o", "json"])
+        .await
+        .expect("merge");
+    assert_eq!(code, EXIT_OK);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("output is JSON");
+    assert_eq!(
+        (v["absorbed"].as_u64(), v["shard"]["id"].as_u64()),
+        (Some(202), Some(201))
+    );
+    assert_eq!(
+        (v["shard"]["start"].as_str(), v["shard"]["end"].as_str()),
+        (Some("16384"), Some(""))
+    );
+    let merges: Vec<MergeShardRequest> = node
+        .admin_calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            AdminCall::MergeShard(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        merges,
+        [
+            MergeShardRequest {
+                shard_id: 201,
+                right_shard_id: 202
+            },
+            MergeShardRequest {
+                shard_id: 201,
+                right_shard_id: 202
+            }
+        ]
+    );
+    let err = ctl(&client, &["shard", "merge", "201"])
+        .await
+        .expect_err("no neighbour");
+    assert_eq!(err.exit_code(), EXIT_USAGE, "the server refused the request itself");
 
     assert_eq!(
         ctl(&client, &["keyspace", "drop", "blue"]).await.expect("drop"),

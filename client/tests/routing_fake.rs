@@ -413,6 +413,14 @@ impl Admin for FakeNode {
     async fn node_report(&self, _: Request<NodeReportRequest>) -> Result<Response<NodeReportResponse>, Status> {
         Err(Status::unimplemented("not used by these tests"))
     }
+
+    async fn merge_shard(&self, _: Request<MergeShardRequest>) -> Result<Response<MergeShardResponse>, Status> {
+        Err(Status::unimplemented("not used by these tests"))
+    }
+
+    async fn merge_step(&self, _: Request<MergeStepRequest>) -> Result<Response<MergeStepResponse>, Status> {
+        Err(Status::unimplemented("not used by these tests"))
+    }
 }
 
 /// A fake cluster: nodes 1..=n serving one shared world.

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
-use basalt_storage::{KvStateMachine, ShardScan, ShardScanPage, ShardState, WriteRequest, WriteResponse};
+use basalt_storage::{KvStateMachine, MergeExport, ShardScan, ShardScanPage, ShardState, WriteRequest, WriteResponse};
 use parking_lot::RwLock;
 
 use crate::ReplicationError;
@@ -113,6 +113,20 @@ impl StateReader {
     /// The shard as of the last apply.
     pub fn shard(&self) -> ShardState {
         self.inner.read().shard().clone()
+    }
+
+    /// The data and sessions of the frozen shard, for a merge into its left neighbour (see
+    /// `basalt_storage::merge`). Any replica that has applied the freeze gives the same answer.
+    pub fn export_for_merge(&self, limit: u64) -> Result<MergeExport, ReplicationError> {
+        self.health.check()?;
+        let got = self.inner.read().export_for_merge(limit);
+        self.health.observe(got)
+    }
+
+    /// Fences the state machine off the engine for good (see `KvStateMachine::retire`): its
+    /// range belongs to another local replica now.
+    pub(crate) fn retire(&self) {
+        self.inner.write().retire();
     }
 }
 

@@ -20,10 +20,11 @@ use basalt_proto::v1::{
     AddMemberRequest, AddMemberResponse, ChangeShardReplicasRequest, ChangeShardReplicasResponse, ClusterStatusRequest,
     ClusterStatusResponse, CreateKeyspaceRequest, CreateKeyspaceResponse, DescribeKeyspaceRequest,
     DescribeKeyspaceResponse, DropKeyspaceRequest, DropKeyspaceResponse, ListKeyspacesRequest, ListKeyspacesResponse,
-    ListShardsRequest, ListShardsResponse, Member, MoveShardRequest, MoveShardResponse, NodeReportRequest,
-    NodeReportResponse, NodeStatusRequest, PlacementStatusRequest, PlacementStatusResponse, RemoveMemberRequest,
-    RemoveMemberResponse, Role as PbRole, Shard as PbShard, ShardLoad, Sharding, SplitShardRequest, SplitShardResponse,
-    TransferLeaderRequest, TransferLeaderResponse, TransferShardLeaderRequest, TransferShardLeaderResponse,
+    ListShardsRequest, ListShardsResponse, Member, MergeShardRequest, MergeShardResponse, MergeStepRequest,
+    MergeStepResponse, MoveShardRequest, MoveShardResponse, NodeReportRequest, NodeReportResponse, NodeStatusRequest,
+    PlacementStatusRequest, PlacementStatusResponse, RemoveMemberRequest, RemoveMemberResponse, Role as PbRole,
+    Shard as PbShard, ShardLoad, Sharding, SplitShardRequest, SplitShardResponse, TransferLeaderRequest,
+    TransferLeaderResponse, TransferShardLeaderRequest, TransferShardLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -56,6 +57,7 @@ fn placement_status(e: PlacementError) -> Status {
         PlacementError::NotFound(m) => Status::not_found(m),
         PlacementError::AlreadyExists(m) => Status::already_exists(m),
         PlacementError::Conflict(m) => Status::aborted(m),
+        PlacementError::Refused(m) => Status::failed_precondition(m),
         PlacementError::Replication(e) => crate::errors::to_status(e),
         PlacementError::Catalog(e) => Status::internal(e.to_string()),
     }
@@ -227,6 +229,7 @@ impl AdminService {
                         replicas: members.clone(),
                         bootstrap: false,
                         moving: None,
+                        merge: None,
                     }
                     .to_pb(&keyspace, &addrs, 0)
                 };
@@ -307,6 +310,7 @@ impl AdminService {
             start: s.start.to_vec(),
             end: s.end.to_vec(),
             epoch: s.epoch,
+            frozen: false,
         };
         self.placement
             .record_split(desc.id, new_group, state(left), state(right))
@@ -790,6 +794,31 @@ impl Admin for AdminService {
             .await
     }
 
+    async fn merge_shard(&self, req: Request<MergeShardRequest>) -> Result<Response<MergeShardResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed("admin", self.group.status().node_id, "merge_shard", async {
+                let right = (req.right_shard_id != 0).then_some(req.right_shard_id);
+                let r = crate::merge::merge_shard(&self.placement, req.shard_id, right).await;
+                let g = self.group.clone();
+                let cat = self.catalog()?;
+                self.on_meta_leader(
+                    "merge_shard",
+                    r,
+                    req,
+                    forwarded,
+                    |mut c, r| async move { c.merge_shard(r).await },
+                    |desc| MergeShardResponse {
+                        header: Some(header(g.as_ref())),
+                        shard: Some(self.shard_pb(&cat, &desc, false)),
+                    },
+                )
+                .await
+            })
+            .await
+    }
+
     async fn node_report(&self, _req: Request<NodeReportRequest>) -> Result<Response<NodeReportResponse>, Status> {
         let load = self.placement.load();
         let rates = load.rates();
@@ -824,6 +853,19 @@ impl Admin for AdminService {
             node_id: self.group.status().node_id,
             shards,
         }))
+    }
+
+    async fn merge_step(&self, req: Request<MergeStepRequest>) -> Result<Response<MergeStepResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let req = req.into_inner();
+        self.metrics
+            .timed(
+                "admin",
+                self.group.status().node_id,
+                "merge_step",
+                crate::merge::serve_step(&self.placement, req, forwarded),
+            )
+            .await
     }
 }
 

@@ -93,6 +93,9 @@ pub struct ShardDesc {
     /// catalog does not name: the group no longer counts on it.
     #[serde(default)]
     pub moving: Option<ReplicaMove>,
+    /// Set while this shard is being merged into its left neighbour (see [`crate::merge`]).
+    #[serde(default)]
+    pub merge: Option<MergeMark>,
 }
 
 /// One replica of a shard moving from node `from` to node `to`.
@@ -107,6 +110,17 @@ impl ShardDesc {
     pub fn names(&self, id: u64) -> bool {
         self.replicas.contains(&id) || self.moving.is_some_and(|m| m.to == id)
     }
+}
+
+/// A merge in progress, recorded on the right shard's descriptor before anything else happens,
+/// so that a new meta leader finds it and finishes or undoes it. The epochs are those the merge
+/// was planned with: the freeze expects `right_epoch`, the merge proposal `left_epoch`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MergeMark {
+    /// The left neighbour absorbing this shard.
+    pub into: u64,
+    pub left_epoch: u64,
+    pub right_epoch: u64,
 }
 
 impl ShardDesc {

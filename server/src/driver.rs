@@ -641,10 +641,12 @@ mod tests {
                 start,
                 end,
                 epoch: 1,
+                frozen: false,
             },
             replicas: replicas.to_vec(),
             bootstrap: false,
             moving: None,
+            merge: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! is validated against [`limits`], finds its keyspace in the [`catalog`] and the local replica
 //! whose shard holds its key in [`replicas`], and goes to that replica group through the
 //! `basalt_consensus::Replication` trait; on a follower it is forwarded to the leader
-//! ([`forward`]). Catalog changes (keyspaces, splits, [`replica_move`]s) go through [`placement`]
+//! ([`forward`]). Catalog changes (keyspaces, splits, [`merge`]s, [`replica_move`]s) go through [`placement`]
 //! on the meta group's leader, whose [`driver`] also decides them by itself from the nodes'
 //! reports ([`load`]): re-replication, automatic splits, rebalancing; every node's
 //! [`reconciler`] opens and removes replicas to match, and [`shard_call`] reaches a shard's leader
@@ -22,6 +22,7 @@ pub mod forward;
 pub mod kv_service;
 pub mod limits;
 pub mod load;
+pub mod merge;
 pub mod metrics;
 pub mod node;
 pub mod placement;

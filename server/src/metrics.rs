@@ -115,6 +115,8 @@ impl ServerMetrics {
     }
 
     fn sample(&self, groups: &GroupRegistry) {
+        // Only the groups hosted now: a merged-away or dropped group must not linger in the output.
+        self.raft.reset();
         for g in groups.all() {
             let s = g.status();
             let id = s.group_id.to_string();

@@ -197,9 +197,19 @@ impl Node {
                 }
             });
         }));
+        let claims = Arc::downgrade(&replicas);
+        replicas.set_claim_hook(Arc::new(move |group: u64, shard: ShardState| {
+            let claims = claims.clone();
+            Box::pin(async move {
+                match claims.upgrade() {
+                    Some(replicas) => replicas.claim(group, &shard).await,
+                    None => Err(ReplicationError::Stopped("the node is shutting down".into())),
+                }
+            })
+        }));
         let meta = replicas.open(META_GROUP, meta_shard()).await?;
         for (group, shard) in replicas.recorded()? {
-            replicas.open(group, shard).await?;
+            replicas.reopen(group, shard).await?;
         }
         let registry = replicas.registry();
         let placement = Placement::new(cfg.node_id, replicas.clone());

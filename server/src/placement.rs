@@ -15,7 +15,8 @@
 //!
 //! Not yet here (next steps of the sharding work): replica moves, re-replication when a node
 //! leaves, rebalancing when one joins, leader balancing, automatic split by size and load, and
-//! merge.
+//! choosing small neighbours to merge (carrying a merge out, and finishing one a previous meta
+//! leader left, is [`crate::merge`]'s).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +45,9 @@ pub enum PlacementError {
     AlreadyExists(String),
     #[error("{0}")]
     Conflict(String),
+    /// A change that was tried and given up on for good (a merge refused by its shards).
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
     #[error(transparent)]
@@ -58,6 +62,8 @@ pub struct Placement {
     /// The last catalog read, reused while the meta replica has applied nothing newer.
     cache: Arc<parking_lot::RwLock<Arc<Catalog>>>,
     load: Arc<LoadTracker>,
+    /// Held by whoever drives merges on this node (see [`crate::merge`]).
+    merges: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Placement {
@@ -67,12 +73,18 @@ impl Placement {
             replicas,
             cache: Arc::default(),
             load: Arc::default(),
+            merges: Arc::default(),
         }
     }
 
     /// Request counts and sizes of the local replicas, for the driver's reports.
     pub fn load(&self) -> &LoadTracker {
         &self.load
+    }
+
+    /// The lock merge drivers on this node take (see [`crate::merge`]).
+    pub(crate) fn merge_lock(&self) -> &Arc<tokio::sync::Mutex<()>> {
+        &self.merges
     }
 
     pub fn node_id(&self) -> u64 {
@@ -130,7 +142,7 @@ impl Placement {
     /// Runs `build` on a fresh, linearizable view of the catalog and proposes its transaction,
     /// retrying on a fresh view when another change got in first. Only the meta leader can
     /// propose; elsewhere this fails with `NotLeader`, which callers forward.
-    async fn change<T>(
+    pub(crate) async fn change<T>(
         &self,
         mut build: impl FnMut(&Catalog, &mut catalog::CatalogTxn<'_>) -> Result<T, PlacementError>,
     ) -> Result<T, PlacementError> {
@@ -206,6 +218,7 @@ impl Placement {
                 replicas: founders.to_vec(),
                 bootstrap: true,
                 moving: None,
+                merge: None,
             });
             Ok(())
         })
@@ -279,10 +292,12 @@ impl Placement {
                         start,
                         end,
                         epoch: 1,
+                        frozen: false,
                     },
                     replicas,
                     bootstrap: true,
                     moving: None,
+                    merge: None,
                 });
             }
             Ok(ks)
@@ -340,6 +355,7 @@ impl Placement {
                 replicas: p.replicas.clone(),
                 bootstrap: false,
                 moving: p.moving,
+                merge: None,
             };
             let mut p = p.clone();
             p.shard = left.clone();

@@ -15,6 +15,9 @@
 //! 3. **Open an empty replica** when a move names this node as the newcomer: it joins no group by
 //!    itself; the shard's leader adds it as a learner and fills it with a snapshot.
 //!
+//! Replicas merged away are collected by [`crate::merge::collect_merged_replicas`] (their range now
+//! belongs to the left neighbour, so their data stays); a shard being merged is never re-created.
+//!
 //! Replicas born from a split are not the reconciler's: the split's apply hook opens them on
 //! every node that holds the parent, so they never wait for the catalog, and a catalog that does
 //! not list them yet does not make them strangers (rule 1 looks only at shards it lists).
@@ -45,6 +48,16 @@ pub async fn run(placement: Placement, founders: Vec<u64>, mut shutdown: watch::
             if let Err(e) = placement.ensure_default_keyspace(&founders).await {
                 tracing::debug!(error = %e, "recording the default keyspace");
             }
+        }
+        if meta.status().role == Role::Leader {
+            // Merges a previous meta leader left half done are finished or undone here (see
+            // `crate::merge`); the merge lock keeps one driver at a time.
+            let p = placement.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::merge::resume_merges(&p).await {
+                    tracing::debug!(error = %e, "resuming merges");
+                }
+            });
         }
         let applied = meta.reader().applied_index();
         if applied == seen {
@@ -80,9 +93,12 @@ async fn reconcile(p: &Placement) -> Result<(), PlacementError> {
             );
         }
     }
+    crate::merge::collect_merged_replicas(p, &view).await?;
     let addrs = p.addresses();
     for s in view.shards.values() {
-        if p.replicas().get(s.id).is_some() {
+        // A shard being merged away is never re-created: its replica here may have been retired
+        // by the merge already.
+        if p.replicas().get(s.id).is_some() || s.merge.is_some() {
             continue;
         }
         if s.moving.is_some_and(|m| m.to == me) {

@@ -56,6 +56,11 @@ pub enum StorageError {
     #[error("key outside shard {:?}..{:?} of keyspace {}", .0.start, .0.end, .0.keyspace)]
     WrongShard(Box<crate::shard::ShardState>),
 
+    /// The replica's group was merged away from this node and its state machine fenced off the
+    /// engine (another local replica owns its range now); it applies nothing more.
+    #[error("group {group} was retired from this node (merged into a neighbour)")]
+    Retired { group: u64 },
+
     /// The caller broke a precondition of the API (for example appended a log entry that would
     /// leave a hole). This is a bug in the caller, not a storage failure.
     #[error("invalid argument: {0}")]

@@ -3,8 +3,8 @@
 //! One [`Engine`] per node (RocksDB in production, [`MemoryEngine`] in tests and the
 //! simulator), and on top of it, written once: key encodings ([`keys`]), checksummed records
 //! ([`record`]), the node-wide [`GroupCommitWriter`], each group's raw [`RaftLog`], the
-//! replicated key-value [`KvStateMachine`] with exactly-once client sessions, and snapshot files
-//! ([`snapshot`]).
+//! replicated key-value [`KvStateMachine`] with exactly-once client sessions, shard merges
+//! ([`merge`]), and snapshot files ([`snapshot`]).
 //!
 //! Two rules hold across the crate. Every persisted value goes through [`record`] and is
 //! verified on every read, so corruption surfaces as [`StorageError::Corruption`] and never as
@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod group_commit;
 pub mod keys;
+pub mod merge;
 pub mod metrics;
 pub mod raft_log;
 pub mod record;
@@ -28,12 +29,13 @@ pub use engine::{Cf, Engine, EngineRead, KvPair, MemoryEngine, RocksEngine, Scan
 pub use error::{Result, StorageError};
 pub use group_commit::{Durable, GroupCommitWriter, Submitted};
 pub use keys::{RaftStateItem, DEFAULT_KEYSPACE};
+pub use merge::{MergeExport, MergePair, MergeSource, MAX_MERGE_BYTES};
 pub use metrics::StorageMetrics;
 pub use raft_log::RaftLog;
-pub use replica::destroy_replica;
+pub use replica::{destroy_replica, destroy_replica_keeping};
 pub use session::Session;
 pub use shard::ShardState;
-pub use snapshot::{build_snapshot, read_snapshot_info, SnapshotInfo};
+pub use snapshot::{build_snapshot, prepare_snapshot, read_snapshot_info, PreparedSnapshot, SnapshotInfo};
 pub use state_machine::{
     ApplyEntry, Command, Compare, KvStateMachine, ShardScan, ShardScanPage, StateMachineConfig, TxnOp, WriteRequest,
     WriteResponse, MAX_SCAN_LIMIT,

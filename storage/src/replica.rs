@@ -1,6 +1,7 @@
 //! Removing a replica from a node: everything the engine holds for one group, in one batch.
 //!
-//! Used when a replica's keyspace is dropped (and later when a replica moves away). The batch is
+//! Used when a replica's keyspace is dropped, when its group was merged into a neighbour (then
+//! the data stays, owned by the neighbour), and later when a replica moves away. The batch is
 //! synced and atomic, so a crash leaves the replica either whole (the node reopens it and the
 //! removal is retried) or entirely gone; never a replica with a log but no state machine.
 
@@ -11,12 +12,29 @@ use crate::keys::{log_range, raft_state_key, replica_key, RaftStateItem, NODE_IT
 /// Deletes group `group`'s log, hard state, applied state, sessions and node record, and the
 /// data keys in `data` (`None` keeps the data, for when another local replica now owns it).
 pub fn destroy_replica(engine: &dyn Engine, group: u64, data: Option<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+    destroy_replica_keeping(engine, group, data.as_slice())
+}
+
+/// [`destroy_replica`] deleting the data of every range in `data` (none: keep all of it), for a
+/// replica whose range other local replicas partly own now.
+pub fn destroy_replica_keeping(engine: &dyn Engine, group: u64, data: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+    let mut batch = WriteBatch::new();
+    delete_replica_records(&mut batch, group)?;
+    for (start, end) in data {
+        batch.delete_range(Cf::Data, start.clone(), end.clone());
+    }
+    engine.write(batch, true)
+}
+
+/// Adds to `batch` the deletion of everything `group` keeps outside the data column family: its
+/// log, hard state, applied state, sessions and node record. A merge uses it inside its own apply
+/// batch for the group it absorbs.
+pub fn delete_replica_records(batch: &mut WriteBatch, group: u64) -> Result<()> {
     if group == NODE_ITEMS {
         return Err(StorageError::InvalidArgument(format!(
             "group {group} is reserved for node-wide records"
         )));
     }
-    let mut batch = WriteBatch::new();
     let (start, end) = log_range(group);
     batch.delete_range(Cf::RaftLog, start, end);
     for item in [RaftStateItem::Vote, RaftStateItem::Committed, RaftStateItem::LastPurged] {
@@ -28,10 +46,7 @@ pub fn destroy_replica(engine: &dyn Engine, group: u64, data: Option<(Vec<u8>, V
         (group + 1).to_be_bytes().to_vec(),
     );
     batch.delete(Cf::Meta, replica_key(group));
-    if let Some((start, end)) = data {
-        batch.delete_range(Cf::Data, start, end);
-    }
-    engine.write(batch, true)
+    Ok(())
 }
 
 #[cfg(test)]

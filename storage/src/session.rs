@@ -25,6 +25,10 @@
 //!   in the replicated state (a known gap, noted for the sharding work).
 //!   `max_sessions` must be the same on every replica of a group.
 //!
+//! When a group absorbs a neighbour in a merge, the neighbour's sessions are folded into its own
+//! ([`ClientSession::absorb`]), so that a write the neighbour applied is still recognised when its
+//! client retries it here.
+//!
 //! Changes made while applying a batch are staged in a [`SessionTxn`] and reach the in-memory
 //! table only after the engine write succeeded, so a failed apply leaves memory and disk agreeing.
 
@@ -52,9 +56,10 @@ pub struct Session {
     pub acked_through: u64,
 }
 
-/// What the state machine remembers about one client. Persisted in the meta CF.
+/// What the state machine remembers about one client. Persisted in the meta CF, and carried in
+/// a merge's log entry from the group merged away to the group taking its range over.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ClientSession {
+pub struct ClientSession {
     pub client_id: u64,
     pub acked_through: u64,
     /// Log index of the last request seen from this client: the LRU clock.
@@ -83,6 +88,35 @@ impl ClientSession {
             Some(first_kept) => self.responses.split_off(&first_kept),
             None => BTreeMap::new(),
         };
+    }
+
+    /// Folds in `other`, the same client's session in a group being merged into this one, so
+    /// that a write either group applied and the client has not seen answered is recognised
+    /// when retried here, never applied a second time:
+    ///
+    /// * the cached responses are the union of both: a client numbers all its writes from one
+    ///   counter, so a sequence names one write, applied by at most one of the two groups (or by
+    ///   their common ancestor before a split, which copied it to both: then both hold the same
+    ///   response, and either may be kept);
+    /// * `acked_through` is the larger of the two: the client reported every outcome up to it as
+    ///   received, whichever group it said so to, so neither group's responses up to it can be
+    ///   asked for again and they are dropped;
+    /// * the per-client cap on cached responses holds afterwards, as after any apply.
+    ///
+    /// The LRU clock is the caller's to set (the merge entry's index).
+    pub(crate) fn absorb(&mut self, other: ClientSession) {
+        for (sequence, response) in other.responses {
+            self.responses.entry(sequence).or_insert(response);
+        }
+        let acked = self.acked_through.max(other.acked_through);
+        self.acked_through = 0;
+        self.ack(acked);
+        while self.responses.len() > MAX_CACHED_RESPONSES {
+            match self.responses.first_key_value() {
+                Some((&oldest, _)) => self.ack(oldest),
+                None => break,
+            }
+        }
     }
 
     pub(crate) fn encode(&self) -> Result<Vec<u8>> {
@@ -240,6 +274,25 @@ impl SessionTxn<'_> {
         }
     }
 
+    /// Merges `incoming` (a session of a group merged into this one, applied at log `index`)
+    /// into this client's session here (see [`ClientSession::absorb`]). The merged session
+    /// counts as used at `index`, so the eviction that may follow takes this group's idle
+    /// sessions first.
+    pub fn absorb(&mut self, incoming: ClientSession, index: u64) {
+        let client_id = incoming.client_id;
+        let state = match self.staged.entry(client_id) {
+            Entry::Occupied(staged) => staged.into_mut(),
+            Entry::Vacant(slot) => slot.insert(
+                self.table
+                    .get(client_id)
+                    .cloned()
+                    .unwrap_or_else(|| ClientSession::new(client_id)),
+            ),
+        };
+        state.absorb(incoming);
+        state.last_used = index;
+    }
+
     /// Evicts beyond the cap and adds the session puts and deletes to `batch`.
     pub fn finish(self, group: u64, batch: &mut WriteBatch) -> Result<SessionChanges> {
         let SessionTxn { table, mut staged } = self;
@@ -377,6 +430,50 @@ mod tests {
             Admission::Expired,
             "forgotten, never re-applied"
         );
+    }
+
+    #[test]
+    fn absorbing_a_session_keeps_both_sides_unacknowledged_responses() {
+        let mut here = ClientSession::new(4);
+        here.acked_through = 2;
+        here.responses.insert(3, put());
+        here.responses.insert(6, WriteResponse::Txn { succeeded: true });
+        let mut there = ClientSession::new(4);
+        there.acked_through = 4;
+        there.responses.insert(5, WriteResponse::Delete { existed: true });
+        there.responses.insert(6, WriteResponse::Txn { succeeded: true });
+        here.absorb(there);
+        // 3 was acknowledged (to the other group), 5 and 6 were not.
+        assert_eq!(here.acked_through, 4);
+        assert_eq!(here.responses.keys().copied().collect::<Vec<_>>(), vec![5, 6]);
+
+        // The per-client cap holds afterwards, forgetting the oldest (and refusing it later).
+        let mut a = ClientSession::new(1);
+        let mut b = ClientSession::new(1);
+        for seq in 1..=MAX_CACHED_RESPONSES as u64 {
+            a.responses.insert(2 * seq, put());
+            b.responses.insert(2 * seq - 1, put());
+        }
+        a.absorb(b);
+        assert_eq!(a.responses.len(), MAX_CACHED_RESPONSES);
+        assert_eq!(a.acked_through, MAX_CACHED_RESPONSES as u64);
+    }
+
+    #[test]
+    fn an_absorbed_session_is_staged_like_any_change() {
+        let mut t = SessionTable::new(2);
+        step(&mut t, s(1, 1, 0), 1);
+        step(&mut t, s(2, 1, 0), 2);
+        let mut incoming = ClientSession::new(3);
+        incoming.responses.insert(9, put());
+        let mut txn = t.begin();
+        txn.absorb(incoming, 10);
+        let changes = txn.finish(1, &mut WriteBatch::new()).unwrap();
+        t.commit(changes);
+        // Over the cap of 2: the least recently used (client 1) is evicted, the merged one kept.
+        assert!(t.get(1).is_none());
+        assert_eq!(t.get(3).map(|c| c.last_used), Some(10));
+        assert_eq!(step(&mut t, s(3, 9, 0), 11), Admission::Cached(put()));
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! routed by a stale view (proposed before a split, applied after) is refused, never applied to
 //! keys that another group now owns. The cluster catalog holds copies of these descriptors for
 //! routing; this record is the authority.
+//!
+//! A shard being merged into its left neighbour is first *frozen* (see `crate::merge`): it keeps
+//! serving reads but refuses every write at apply time, so the data its neighbour takes over
+//! through its own log is final. `frozen` is part of the state, so restarts and snapshots keep it.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +25,11 @@ pub struct ShardState {
     pub start: Vec<u8>,
     #[serde(with = "serde_bytes")]
     pub end: Vec<u8>,
-    /// Changes on every split (and later merge).
+    /// Changes on every split, freeze, unfreeze and merge.
     pub epoch: u64,
+    /// Refuses every write (it is being merged into its left neighbour); reads still work.
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 impl ShardState {
@@ -35,6 +42,7 @@ impl ShardState {
             start,
             end,
             epoch: 1,
+            frozen: false,
         }
     }
 
@@ -75,6 +83,16 @@ impl ShardState {
 
     pub fn contains_user_key(&self, user_key: &[u8]) -> bool {
         self.contains(&self.data_key(user_key))
+    }
+
+    /// Whether `other`'s range lies entirely inside this shard's (same keyspace).
+    pub fn covers(&self, other: &ShardState) -> bool {
+        self.keyspace == other.keyspace && self.start <= other.start && other.end <= self.end
+    }
+
+    /// Whether the two ranges share at least one key.
+    pub fn overlaps(&self, other: &ShardState) -> bool {
+        self.start < other.end && other.start < self.end
     }
 
     /// Where a scan with this cursor and start key reads next (see `keycodec::scan_position`).

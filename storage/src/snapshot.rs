@@ -434,36 +434,80 @@ pub fn read_snapshot_info(path: &Path) -> Result<SnapshotInfo> {
     read_file(path, &mut |_| Ok(())).map(|contents| contents.info())
 }
 
+/// A snapshot file read and verified in full, ready to replace a replica's state with
+/// [`KvStateMachine::install_prepared`]. Lets the caller see the shard it carries first: a
+/// snapshot of a group that absorbed a neighbour covers more than the replica serves now, and the
+/// node must stop a local replica of that neighbour before installing it.
+pub struct PreparedSnapshot {
+    path: PathBuf,
+    group: u64,
+    contents: Contents,
+    /// The file's data and session records, as engine writes.
+    puts: WriteBatch,
+}
+
+impl PreparedSnapshot {
+    /// The shard the snapshot's state serves (`None`: a snapshot of a group that applied nothing).
+    pub fn shard(&self) -> Option<&crate::shard::ShardState> {
+        self.contents.applied.as_ref().map(|a| &a.shard)
+    }
+
+    pub fn info(&self) -> SnapshotInfo {
+        self.contents.info()
+    }
+}
+
+/// Reads and verifies the whole snapshot file at `path`, to be installed on a replica of `group`.
+pub fn prepare_snapshot(path: &Path, group: u64) -> Result<PreparedSnapshot> {
+    let mut puts = WriteBatch::new();
+    let contents = read_file(path, &mut |item| {
+        match item {
+            Item::Data { key, value } => {
+                puts.put(Cf::Data, key.to_vec(), encode_record(key, value));
+            }
+            Item::Session { client_id, session } => {
+                let key = session_key(group, client_id);
+                let record = encode_record(&key, &session.encode()?);
+                puts.put(Cf::Meta, key, record);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(PreparedSnapshot {
+        path: path.to_path_buf(),
+        group,
+        contents,
+        puts,
+    })
+}
+
 impl KvStateMachine {
     /// Replaces this group's state with the snapshot at `path`. The whole file is verified
     /// first; then data, sessions and applied state are replaced in one durable atomic batch
     /// and the in-memory state is reloaded.
     pub fn install_snapshot(&mut self, path: &Path) -> Result<SnapshotInfo> {
+        let prepared = prepare_snapshot(path, self.group())?;
+        self.install_prepared(prepared)
+    }
+
+    /// Installs a snapshot read by [`prepare_snapshot`] (see [`KvStateMachine::install_snapshot`]).
+    pub fn install_prepared(&mut self, prepared: PreparedSnapshot) -> Result<SnapshotInfo> {
+        self.check_live()?;
         let group = self.group();
-        // Deletions first, then the file's records: operations apply in order, and the range of
-        // the snapshot is only known once its last record has been read.
-        let mut puts = WriteBatch::new();
-        let contents = read_file(path, &mut |item| {
-            match item {
-                Item::Data { key, value } => {
-                    puts.put(Cf::Data, key.to_vec(), encode_record(key, value));
-                }
-                Item::Session { client_id, session } => {
-                    let key = session_key(group, client_id);
-                    let record = encode_record(&key, &session.encode()?);
-                    puts.put(Cf::Meta, key, record);
-                }
-            }
-            Ok(())
-        })?;
+        let PreparedSnapshot {
+            path,
+            group: prepared_for,
+            contents,
+            puts,
+        } = prepared;
         let header = &contents.header;
         let keyspace_differs = contents
             .applied
             .as_ref()
             .is_some_and(|a| a.shard.keyspace != self.keyspace());
-        if header.group != group || keyspace_differs {
+        if header.group != group || prepared_for != group || keyspace_differs {
             return Err(StorageError::SnapshotInvalid {
-                path: path.to_path_buf(),
+                path,
                 reason: format!(
                     "snapshot of group {} keyspace {} offered to group {group} keyspace {}",
                     header.group,
@@ -472,6 +516,7 @@ impl KvStateMachine {
                 ),
             });
         }
+        // Deletions first, then the file's records: operations apply in order.
         let mut batch = WriteBatch::new();
         let old = self.shard().clone();
         batch.delete_range(Cf::Data, old.start, old.end);

@@ -75,6 +75,22 @@ pub enum Command {
         new_group: u64,
         expected_epoch: u64,
     },
+    /// Freezes the shard for a merge into its left neighbour (see [`crate::merge`]): from this
+    /// entry on every write is refused with `WrongShard`; the epoch rises by one. Refused unless
+    /// the shard is at `expected_epoch`; answered `Frozen` again, changing nothing, when it is
+    /// already frozen at `expected_epoch + 1` (a retried freeze).
+    Freeze { expected_epoch: u64 },
+    /// Lifts a freeze whose merge was abandoned: writes are accepted again and the epoch rises
+    /// by one. `frozen_epoch` is the epoch the freeze gave the shard; answered `Unfrozen` again,
+    /// changing nothing, when the shard is already unfrozen at `frozen_epoch + 1`.
+    Unfreeze { frozen_epoch: u64 },
+    /// Takes over the range, data and sessions of `right_group`, the frozen right neighbour
+    /// described by `source`. Applied on its own (see [`KvStateMachine::apply_merge`]).
+    Merge {
+        right_group: u64,
+        expected_left_epoch: u64,
+        source: crate::merge::MergeSource,
+    },
 }
 
 /// One comparison of a [`Command::Txn`]: the key holds exactly `expected` (`None`: is absent).
@@ -113,7 +129,9 @@ impl Command {
                     TxnOp::Put { key, .. } | TxnOp::Delete { key } => key.as_slice(),
                 }))
                 .collect(),
-            Command::Split { .. } => Vec::new(),
+            Command::Split { .. } | Command::Freeze { .. } | Command::Unfreeze { .. } | Command::Merge { .. } => {
+                Vec::new()
+            }
         }
     }
 }
@@ -140,6 +158,18 @@ impl std::fmt::Display for WriteRequest {
                 expected_epoch,
                 ..
             } => write!(f, "split new_group={new_group} epoch={expected_epoch}")?,
+            Command::Freeze { expected_epoch } => write!(f, "freeze epoch={expected_epoch}")?,
+            Command::Unfreeze { frozen_epoch } => write!(f, "unfreeze epoch={frozen_epoch}")?,
+            Command::Merge {
+                right_group,
+                expected_left_epoch,
+                source,
+            } => write!(
+                f,
+                "merge right_group={right_group} epoch={expected_left_epoch} kvs={} sessions={}",
+                source.kvs.len(),
+                source.sessions.len()
+            )?,
         }
         if let Some(s) = &self.session {
             write!(f, " session={}/{}", s.client_id, s.sequence)?;
@@ -180,6 +210,24 @@ pub enum WriteResponse {
     },
     /// The split was refused (stale epoch, or a split key outside the range); nothing changed.
     SplitRefused {
+        shard: ShardState,
+        reason: String,
+    },
+    /// The shard is frozen (now, or already was at the epoch the freeze gives).
+    Frozen {
+        shard: ShardState,
+    },
+    /// The shard is no longer frozen.
+    Unfrozen {
+        shard: ShardState,
+    },
+    /// The merge was applied: this group now serves `shard`, the union of both ranges.
+    Merged {
+        shard: ShardState,
+    },
+    /// A freeze, unfreeze or merge was refused (stale epoch, ranges not adjacent, a right side
+    /// that is not frozen, ...); nothing changed. `shard` is this group's shard as it is.
+    MergeRefused {
         shard: ShardState,
         reason: String,
     },
@@ -246,14 +294,17 @@ impl AppliedState {
 
 /// The key-value state of one replica group.
 pub struct KvStateMachine {
-    engine: Arc<dyn Engine>,
-    group: u64,
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) group: u64,
     /// The shard this replica serves: the applied one, or before any apply the one it was opened
     /// for.
-    shard: ShardState,
-    sessions: SessionTable,
-    applied: Option<AppliedState>,
-    config: StateMachineConfig,
+    pub(crate) shard: ShardState,
+    pub(crate) sessions: SessionTable,
+    pub(crate) applied: Option<AppliedState>,
+    pub(crate) config: StateMachineConfig,
+    /// Set once this replica's group was merged away from this node (see
+    /// [`KvStateMachine::retire`]): from then on it writes nothing more to the engine.
+    retired: bool,
 }
 
 impl KvStateMachine {
@@ -284,6 +335,7 @@ impl KvStateMachine {
             sessions: SessionTable::new(config.max_sessions),
             applied: None,
             config,
+            retired: false,
         };
         sm.reload()?;
         Ok(sm)
@@ -356,29 +408,41 @@ impl KvStateMachine {
         applied_index: u64,
         applied_meta: Vec<u8>,
     ) -> Result<Vec<WriteResponse>> {
+        self.check_live()?;
         self.check_indexes(entries, applied_index)?;
 
         let mut batch = WriteBatch::new();
         let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
         let mut txn = self.sessions.begin();
         let mut responses = Vec::with_capacity(entries.len());
+        // The shard as the entries of this batch see it (a freeze changes it for the entries
+        // after it); it replaces `self.shard` only once the batch is written.
+        let mut shard = self.shard.clone();
         for entry in entries {
             let Some(request) = entry.request else {
                 responses.push(WriteResponse::None);
                 continue;
             };
-            if matches!(request.command, Command::Split { .. }) {
-                return Err(StorageError::InvalidArgument(format!(
-                    "group {}: a split (entry {}) must be applied alone, with apply_split",
-                    self.group, entry.index
-                )));
+            match &request.command {
+                Command::Split { .. } | Command::Merge { .. } => {
+                    return Err(StorageError::InvalidArgument(format!(
+                        "group {}: a split or merge (entry {}) must be applied alone, with apply_split or apply_merge",
+                        self.group, entry.index
+                    )));
+                }
+                // Sessionless by nature: the driver that sends them repeats them on purpose,
+                // and each is idempotent on its own.
+                Command::Freeze { .. } | Command::Unfreeze { .. } => {
+                    responses.push(crate::merge::apply_freeze(&mut shard, &request.command));
+                    continue;
+                }
+                _ => {}
             }
             // Checked before the session is consulted: a write refused here was not applied, so
-            // it must not be remembered as answered either.
-            if request.command.keys().iter().any(|k| !self.shard.contains_user_key(k)) {
-                responses.push(WriteResponse::WrongShard {
-                    shard: self.shard.clone(),
-                });
+            // it must not be remembered as answered either. A frozen shard refuses every write
+            // the same way, so the client retries it where the merge moves the range.
+            if shard.frozen || request.command.keys().iter().any(|k| !shard.contains_user_key(k)) {
+                responses.push(WriteResponse::WrongShard { shard: shard.clone() });
                 continue;
             }
             if let Some(session) = &request.session {
@@ -407,12 +471,13 @@ impl KvStateMachine {
         let applied = AppliedState {
             index: applied_index,
             meta: applied_meta,
-            shard: self.shard.clone(),
+            shard,
         };
         put_applied(&mut batch, self.group, &applied)?;
         self.engine.write(batch, false)?;
 
         self.sessions.commit(changes);
+        self.shard = applied.shard.clone();
         self.applied = Some(applied);
         Ok(responses)
     }
@@ -438,6 +503,7 @@ impl KvStateMachine {
         applied_meta: Vec<u8>,
         new_group_meta: Vec<u8>,
     ) -> Result<WriteResponse> {
+        self.check_live()?;
         self.check_indexes(&[ApplyEntry { index, request: None }], index)?;
         let Command::Split {
             at,
@@ -460,6 +526,8 @@ impl KvStateMachine {
             Some("the split key does not lie strictly inside the shard".to_string())
         } else if *new_group == self.group {
             Some("the new group must differ from the splitting one".to_string())
+        } else if self.shard.frozen {
+            Some("the shard is frozen for a merge".to_string())
         } else {
             None
         };
@@ -512,7 +580,22 @@ impl KvStateMachine {
         Ok(response)
     }
 
-    fn check_indexes(&self, entries: &[ApplyEntry<'_>], applied_index: u64) -> Result<()> {
+    /// Fences this replica off the engine for good: every later apply or snapshot install fails
+    /// with [`StorageError::Retired`] and writes nothing. The node calls it when the group was
+    /// merged away from this node, after which another local replica owns the range; taking the
+    /// exclusive lock to set it waits out any write in progress, so none can follow it.
+    pub fn retire(&mut self) {
+        self.retired = true;
+    }
+
+    pub(crate) fn check_live(&self) -> Result<()> {
+        if self.retired {
+            return Err(StorageError::Retired { group: self.group });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_indexes(&self, entries: &[ApplyEntry<'_>], applied_index: u64) -> Result<()> {
         let mut floor = self.applied.as_ref().map(|a| a.index);
         if let Some(current) = floor {
             if applied_index < current {
@@ -589,7 +672,9 @@ impl KvStateMachine {
                 }
                 WriteResponse::Txn { succeeded: true }
             }
-            Command::Split { .. } => unreachable!("apply() refuses Split entries before executing anything"),
+            Command::Split { .. } | Command::Freeze { .. } | Command::Unfreeze { .. } | Command::Merge { .. } => {
+                unreachable!("apply() handles split, freeze, unfreeze and merge entries before executing anything")
+            }
         };
         Ok(response)
     }
@@ -704,14 +789,14 @@ pub struct ShardScanPage {
     pub cursor: Option<Vec<u8>>,
 }
 
-fn put_applied(batch: &mut WriteBatch, group: u64, applied: &AppliedState) -> Result<()> {
+pub(crate) fn put_applied(batch: &mut WriteBatch, group: u64, applied: &AppliedState) -> Result<()> {
     let key = applied_state_key(group);
     let record = encode_record(&key, &applied.encode()?);
     batch.put(Cf::Meta, key, record);
     Ok(())
 }
 
-fn put(overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>, batch: &mut WriteBatch, dk: Vec<u8>, value: &[u8]) {
+pub(crate) fn put(overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>, batch: &mut WriteBatch, dk: Vec<u8>, value: &[u8]) {
     batch.put(Cf::Data, dk.clone(), encode_record(&dk, value));
     overlay.insert(dk, Some(value.to_vec()));
 }

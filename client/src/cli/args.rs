@@ -268,6 +268,14 @@ pub enum ShardCommand {
         #[arg(long, value_name = "KEY")]
         at: Option<String>,
     },
+    /// Merge shard ID with the next shard of its keyspace (a small one: at most 8 MiB); ID keeps
+    /// both ranges.
+    Merge {
+        id: u64,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
     /// Move shard ID's replica from node --from to node --to.
     Move {
         id: u64,
@@ -588,6 +596,21 @@ mod tests {
             shard(&["shard", "split", "7"]).1,
             ShardCommand::Split { id: 7, at: None }
         );
+        assert_eq!(
+            shard(&["shard", "merge", "7"]).1,
+            ShardCommand::Merge {
+                id: 7,
+                output: OutputFormat::Table
+            }
+        );
+        assert_eq!(
+            shard(&["shard", "merge", "7", "-o", "json"]).1,
+            ShardCommand::Merge {
+                id: 7,
+                output: OutputFormat::Json
+            }
+        );
+        assert_eq!(err_kind(&["shard", "merge"]), ErrorKind::MissingRequiredArgument);
         assert_eq!(
             shard(&["shard", "move", "7", "--from", "1", "--to", "4"]).1,
             ShardCommand::Move { id: 7, from: 1, to: 4 }

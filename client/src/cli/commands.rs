@@ -19,7 +19,8 @@ use crate::cli::exit::{CliError, Output};
 use crate::cli::format::{
     cas_failed_line, cluster_status_table, cluster_status_with_placement_json, keyspace_created_line,
     keyspace_description_json, keyspace_description_table, keyspaces_json, keyspaces_table, kv_lines, placement_table,
-    shard_moved_line, shard_split_line, shards_json, shards_table, value_line, ByteStyle,
+    shard_merged_json, shard_merged_line, shard_moved_line, shard_split_line, shards_json, shards_table, value_line,
+    ByteStyle,
 };
 use crate::cli::scan::{self, KeyRange};
 use crate::client::{Client, Expect};
@@ -151,6 +152,13 @@ async fn shard_command(client: &Client, keyspace: Option<&str>, command: &ShardC
             let at = at.as_deref().map(|at| Bytes::copy_from_slice(at.as_bytes()));
             let split = client.split_shard(*id, at).await?;
             Ok(Output::ok(shard_split_line(*id, &split)))
+        }
+        ShardCommand::Merge { id, output } => {
+            let merge = client.merge_shard(*id).await?;
+            Ok(Output::ok(match output {
+                OutputFormat::Table => shard_merged_line(&merge),
+                OutputFormat::Json => shard_merged_json(&merge),
+            }))
         }
         ShardCommand::Move { id, from, to } => {
             let shard = client.move_shard(*id, *from, *to).await?;

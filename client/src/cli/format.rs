@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, PlacementStatusResponse, Role, Shard};
 use serde::Serialize;
 
-use crate::client::{KeyspaceDescription, ShardSplit, Sharding};
+use crate::client::{KeyspaceDescription, ShardMerge, ShardSplit, Sharding};
 
 /// How keys and values are rendered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -553,6 +553,32 @@ pub fn shard_split_line(id: u64, split: &ShardSplit) -> String {
     )
 }
 
+/// `shard merge`'s output line.
+pub fn shard_merged_line(merge: &ShardMerge) -> String {
+    let shard = &merge.shard;
+    format!(
+        "merged shard {} into {}; {} now covers {} (epoch {})\n",
+        merge.absorbed,
+        shard.id,
+        shard.id,
+        shard_range(shard),
+        shard.epoch
+    )
+}
+
+/// `shard merge -o json`: one line, `{"shard":{..as in shard list..},"absorbed":ID}`.
+pub fn shard_merged_json(merge: &ShardMerge) -> String {
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        shard: ShardJson<'a>,
+        absorbed: u64,
+    }
+    json_line(&Doc {
+        shard: ShardJson::new(&merge.shard, false),
+        absorbed: merge.absorbed,
+    })
+}
+
 /// `shard move`'s output line.
 pub fn shard_moved_line(from: u64, to: u64, shard: &Shard) -> String {
     format!(
@@ -795,6 +821,20 @@ ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  STATE  APPLIED  BYTES  KEYS
         );
         assert_eq!(sharding_name(0), "unspecified");
         assert_eq!(sharding_name(9), "unknown(9)");
+        let merge = ShardMerge {
+            shard: shard(7, "orders", 2, ("", "t"), 1),
+            absorbed: 12,
+        };
+        assert_eq!(
+            shard_merged_line(&merge),
+            "merged shard 12 into 7; 7 now covers ..t (epoch 8)\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&shard_merged_json(&merge)).expect("output is JSON");
+        assert_eq!(v["absorbed"], 12);
+        assert_eq!(v["shard"]["id"], 7);
+        assert_eq!(v["shard"]["end"], "t");
+        assert_eq!(v["shard"]["epoch"], 8);
+        assert!(v["shard"].get("stats").is_none());
     }
 
     #[test]

@@ -48,6 +48,15 @@ use crate::{
 /// off (spawn), never block on it.
 pub type SplitHook = Arc<dyn Fn(u64, ShardState) + Send + Sync>;
 
+/// Called when this replica (of the group given) is about to take over a range beyond the one
+/// it serves: before it applies a merge, with the shard it will serve, and before it installs a
+/// snapshot of a shard wider than its own. The node must stop every *other* local replica whose
+/// range overlaps that shard and whose epoch is older (merged-away groups) and remove its
+/// records, keeping its data, and only then let the future complete: until then the old replica
+/// could still write into keys this one is about to own. Awaited on the apply path, so it must not
+/// wait on this group's own progress. An error fails the apply (as a storage error would).
+pub type ClaimHook = Arc<dyn Fn(u64, ShardState) -> BoxFuture<'static, Result<(), ReplicationError>> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct RaftGroupConfig {
     pub node_id: u64,
@@ -56,6 +65,7 @@ pub struct RaftGroupConfig {
     /// or the catalog's view for a replica being added); afterwards its applied state decides.
     pub shard: ShardState,
     pub on_split: Option<SplitHook>,
+    pub on_claim: Option<ClaimHook>,
     pub snapshot_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub election_timeout_min: Duration,
@@ -87,6 +97,7 @@ impl RaftGroupConfig {
             group_id,
             shard,
             on_split: None,
+            on_claim: None,
             snapshot_dir,
             heartbeat_interval: Duration::from_millis(50),
             election_timeout_min: Duration::from_millis(300),
@@ -153,7 +164,10 @@ impl RaftGroup {
             snapshots.clone(),
             metrics.clone(),
             health.clone(),
-            cfg.on_split.clone(),
+            state_machine::RangeHooks {
+                on_split: cfg.on_split.clone(),
+                on_claim: cfg.on_claim.clone(),
+            },
         )
         .map_err(|e| ReplicationError::Stopped(format!("state machine: {e}")))?;
         let log = LogStore::new(RaftLog::new(engine, writer, cfg.group_id), health.clone());
@@ -201,6 +215,18 @@ impl RaftGroup {
 
     pub(crate) fn metrics(&self) -> &ConsensusMetrics {
         &self.metrics
+    }
+
+    /// Stops this replica for good because its group was merged into a neighbour whose local
+    /// replica owns its range now: Raft stops, then the state machine is fenced off the engine.
+    /// openraft's shutdown waits for its core but not for the state machine worker, which may
+    /// still hold a queued apply or snapshot install; the fence waits out the one in progress
+    /// and refuses the rest, so nothing this replica does can touch the range afterwards.
+    pub async fn retire(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(group = self.cfg.group_id, error = %e, "raft shutdown");
+        }
+        self.reader.retire();
     }
 
     /// Builds a snapshot now (and so allows the log behind it to be purged).

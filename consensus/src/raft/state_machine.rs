@@ -26,7 +26,7 @@ use parking_lot::RwLock;
 
 use super::types::{LogId, Snapshot, SnapshotFile, SnapshotMeta, StoredMembership, TypeConfig};
 use super::wire;
-use super::SplitHook;
+use super::{ClaimHook, SplitHook};
 use crate::{ConsensusMetrics, GroupHealth};
 
 /// What the state machine stores as its opaque "applied meta": openraft's view of the position.
@@ -43,8 +43,10 @@ fn decode_applied(blob: Option<&[u8]>) -> io::Result<AppliedMeta> {
     }
 }
 
-fn is_split(entry: &super::types::Entry) -> bool {
-    matches!(&entry.payload, EntryPayload::Normal(req) if matches!(req.command, Command::Split { .. }))
+/// Entries applied on their own rather than in a run: a split (it creates a group) and a merge
+/// (it absorbs one, after the node stopped the local replica of it).
+fn applied_alone(entry: &super::types::Entry) -> bool {
+    matches!(&entry.payload, EntryPayload::Normal(req) if matches!(req.command, Command::Split { .. } | Command::Merge { .. }))
 }
 
 fn io_err(e: StorageError) -> io::Error {
@@ -119,6 +121,14 @@ fn snapshot_meta(info: &SnapshotInfo) -> io::Result<SnapshotMeta> {
     })
 }
 
+/// What the node does when this replica's range changes: a split creates a group, a merge (or a
+/// snapshot of a merged shard) takes over another's range.
+#[derive(Clone, Default)]
+pub struct RangeHooks {
+    pub on_split: Option<SplitHook>,
+    pub on_claim: Option<ClaimHook>,
+}
+
 pub struct StateMachineStore {
     sm: Arc<RwLock<KvStateMachine>>,
     engine: Arc<dyn Engine>,
@@ -128,6 +138,7 @@ pub struct StateMachineStore {
     metrics: ConsensusMetrics,
     health: Arc<GroupHealth>,
     on_split: Option<SplitHook>,
+    on_claim: Option<ClaimHook>,
 }
 
 impl StateMachineStore {
@@ -138,7 +149,7 @@ impl StateMachineStore {
         snapshots: SnapshotDir,
         metrics: ConsensusMetrics,
         health: Arc<GroupHealth>,
-        on_split: Option<SplitHook>,
+        hooks: RangeHooks,
     ) -> io::Result<Self> {
         let applied = decode_applied(sm.read().applied_meta())?;
         Ok(Self {
@@ -149,7 +160,8 @@ impl StateMachineStore {
             snapshots,
             metrics,
             health,
-            on_split,
+            on_split: hooks.on_split,
+            on_claim: hooks.on_claim,
         })
     }
 
@@ -221,6 +233,30 @@ impl StateMachineStore {
         Ok(response)
     }
 
+    /// Applies one merge entry on its own. If it will apply, the node first stops its local
+    /// replica of the absorbed group (the claim hook), which must write nothing more into the
+    /// range this group takes over; the decision and the apply see the same state, since nothing
+    /// else applies to this group in between.
+    async fn apply_merge(&mut self, entry: &super::types::Entry) -> io::Result<WriteResponse> {
+        let EntryPayload::Normal(req) = &entry.payload else {
+            unreachable!("applied_alone() only matches normal entries");
+        };
+        let claim = self.sm.read().check_merge(req);
+        if let (Some(shard), Some(hook)) = (claim, &self.on_claim) {
+            hook(self.group, shard).await.map_err(io::Error::other)?;
+        }
+        let mut next = self.applied.clone();
+        next.last_applied = Some(entry.log_id());
+        let blob = wire::encode("applied meta", &next).map_err(wire::to_io)?;
+        let response = {
+            let mut sm = self.sm.write();
+            sm.apply_merge(entry.index(), req, blob)
+        }
+        .map_err(|e| self.stop_on_corruption(e))?;
+        self.applied = next;
+        Ok(response)
+    }
+
     fn stop_on_corruption(&self, e: StorageError) -> io::Error {
         if e.is_corruption() {
             self.health.stop_corrupt(format!("state machine: {e}"));
@@ -271,7 +307,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
         // Collect the whole run first so it becomes one atomic engine write (a split, which
-        // creates a group, is written on its own: see `apply_split`).
+        // creates a group, and a merge, which absorbs one, are written on their own: see
+        // `apply_split` and `apply_merge`).
         let mut batch = Vec::new();
         while let Some(item) = entries.try_next().await? {
             batch.push(item);
@@ -280,10 +317,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut responses = Vec::with_capacity(batch.len());
         let mut born = Vec::new();
         while !rest.is_empty() {
-            let split_at = rest.iter().position(|(e, _)| is_split(e));
-            let run = match split_at {
+            let alone_at = rest.iter().position(|(e, _)| applied_alone(e));
+            let run = match alone_at {
                 Some(0) => {
                     let (entry, _) = &rest[0];
+                    if matches!(&entry.payload, EntryPayload::Normal(req) if matches!(req.command, Command::Merge { .. }))
+                    {
+                        responses.push(self.apply_merge(entry).await?);
+                        rest = &rest[1..];
+                        continue;
+                    }
                     let response = self.apply_split(entry)?;
                     if let (WriteResponse::Split { right, .. }, EntryPayload::Normal(req)) = (&response, &entry.payload)
                     {
@@ -324,9 +367,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
-        let sm = self.sm.clone();
         let path = snapshot.path.clone();
-        let info = super::blocking::run(move || sm.write().install_snapshot(&path))
+        let group = self.group;
+        let prepared = super::blocking::run(move || basalt_storage::prepare_snapshot(&path, group))
+            .await?
+            .map_err(io_err)?;
+        // A snapshot of this group after it absorbed a neighbour covers more than this replica
+        // serves: the node stops a local replica of that neighbour first, as before a merge.
+        let claim = prepared.shard().filter(|s| !self.sm.read().shard().covers(s)).cloned();
+        if let (Some(shard), Some(hook)) = (claim, &self.on_claim) {
+            hook(self.group, shard).await.map_err(io::Error::other)?;
+        }
+        let sm = self.sm.clone();
+        let info = super::blocking::run(move || sm.write().install_prepared(prepared))
             .await?
             .map_err(|e| self.stop_on_corruption(e))?;
         self.applied = decode_applied(Some(&info.applied_meta))?;
