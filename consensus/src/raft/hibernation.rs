@@ -24,7 +24,9 @@
 //!    timer runs while its leader is silent.
 //!
 //! **Waking.** Any client activity on the leader wakes it (ticking resumes; a write's own
-//! AppendEntries then moves the followers' state, which wakes them). A replica whose Raft state
+//! AppendEntries then moves the followers' state, which wakes them). A request that reaches a
+//! follower is forwarded to the leader and wakes it there; the follower itself is not woken by
+//! it, since its lease expired long ago and a ticking follower would campaign at once. A replica whose Raft state
 //! moves (term, leader, last log id, commit) wakes, whether a message or the periodic check saw
 //! it. A follower wakes when its leader's node has not confirmed the group for `liveness_timeout`
 //! (the node died, was cut off, restarted, or stopped listing the group): it then elects a new
@@ -210,14 +212,18 @@ impl RaftGroup {
         }
     }
 
-    /// Client activity: remembered (it keeps a leader from quiescing) and wakes the replica.
+    /// Client activity: remembered (it keeps a leader from quiescing), and it wakes a quiescing
+    /// or quiesced leader. A sleeping follower stays asleep: the request goes on to the leader
+    /// (forwarded), whose writes then move the follower's log and wake it. Waking the follower
+    /// here would restart its election timer on a lease that expired long ago, and it would
+    /// campaign against a healthy leader.
     pub(crate) fn touch(&self) {
         if self.hibernation().is_none() {
             return;
         }
         let mut cell = self.sleep().lock();
         cell.last_activity = Instant::now();
-        if cell.state != Sleep::Awake {
+        if matches!(cell.state, Sleep::Quiescing { .. } | Sleep::Quiesced { .. }) {
             self.set_state(&mut cell, Sleep::Awake, "activity");
         }
     }
@@ -418,14 +424,30 @@ impl Hibernation {
         // must not stretch the time between confirmations the followers count on.
         let mut ticks = tokio::time::interval(self.cfg.liveness_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
                 _ = shutdown.changed() => return,
             }
+            let now = Instant::now();
+            let stalled = now.saturating_duration_since(last) > self.cfg.liveness_timeout;
+            last = now;
             let groups = self.groups();
-            for g in &groups {
-                self.evaluate(g);
+            if stalled {
+                // This node itself was stopped (paused, starved of CPU): the silence it sees is
+                // its own. Its leaders get a fresh timeout to be heard from, and nothing is
+                // judged until one exchange has refreshed what it knows of its peers.
+                tracing::info!("hibernation: the node stalled; giving sleeping groups' leaders a fresh timeout");
+                for g in &groups {
+                    if let Sleep::Asleep { confirmed, .. } = &mut g.sleep().lock().state {
+                        *confirmed = now;
+                    }
+                }
+            } else {
+                for g in &groups {
+                    self.evaluate(g);
+                }
             }
             self.exchange(&groups).await;
         }
@@ -666,7 +688,130 @@ impl Hibernation {
 
 #[cfg(test)]
 mod tests {
+    use openraft::vote::RaftLeaderId;
+
     use super::*;
+    use crate::raft::types::Vote;
+
+    fn log_id(term: u64, node: u64, index: u64) -> LogId {
+        let leader = openraft::alias::LeaderIdOf::<TypeConfig>::new(term, node);
+        LogId::new(leader.to_committed(), index)
+    }
+
+    /// Node 1 leading a settled 3-member group at term 2, index 10, every follower matched.
+    fn leading() -> Observed {
+        let last = Some(log_id(2, 1, 10));
+        Observed {
+            state: ServerState::Leader,
+            running: true,
+            leader: Some(1),
+            point: Point {
+                term: 2,
+                committed: last,
+            },
+            settled: true,
+            vote: Vote::new_committed(2, 1),
+            uniform: true,
+            members: (1..=3).map(|n| (n, format!("127.0.0.1:{n}"))).collect(),
+            voters: 3,
+            matched: (1..=3).map(|n| (n, last)).collect(),
+        }
+    }
+
+    fn following(o: &Observed) -> Observed {
+        Observed {
+            state: ServerState::Follower,
+            matched: BTreeMap::new(),
+            ..o.clone()
+        }
+    }
+
+    fn hibernation() -> Arc<Hibernation> {
+        Hibernation::new(
+            1,
+            HibernationConfig {
+                liveness_interval: Duration::from_millis(200),
+                liveness_timeout: Duration::from_secs(1),
+                idle_after: Duration::from_secs(2),
+                wake_jitter: Duration::from_millis(300),
+            },
+            GroupRegistry::default(),
+            PeerClients::new(),
+            ConsensusMetrics::unregistered().unwrap(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_quiesces_only_when_every_live_member_holds_everything() {
+        let h = hibernation();
+        let now = Instant::now();
+        let mut table: BTreeMap<u64, PeerView> = (2..=3).map(|n| (n, PeerView::new(now))).collect();
+        for p in table.values_mut() {
+            p.last_heard = Some(now);
+        }
+        let o = leading();
+        assert!(h.quiescable(&o, &table, now));
+
+        let mut behind = o.clone();
+        behind.matched.insert(3, Some(log_id(2, 1, 9)));
+        assert!(!h.quiescable(&behind, &table, now), "a live follower lags");
+        let later = now + Duration::from_secs(2);
+        table.get_mut(&2).unwrap().last_heard = Some(later);
+        assert!(
+            h.quiescable(&behind, &table, later),
+            "the lagging follower's node is dead; it is woken when it returns"
+        );
+
+        let mut joint = o.clone();
+        joint.uniform = false;
+        assert!(!h.quiescable(&joint, &table, now), "a membership change is half done");
+        let mut unsettled = o.clone();
+        unsettled.settled = false;
+        assert!(
+            !h.quiescable(&unsettled, &table, now),
+            "the last entry is not committed"
+        );
+        assert!(!h.quiescable(&following(&o), &table, now), "only a leader quiesces");
+    }
+
+    #[test]
+    fn followers_sleep_only_at_the_leaders_exact_point() {
+        let o = leading();
+        let at = o.point.clone();
+        assert!(leader_matches(&o, 1, &at));
+        assert!(!leader_matches(&o, 2, &at));
+        let f = following(&o);
+        assert!(follower_matches(&f, 1, &at));
+        assert!(!follower_matches(&f, 2, &at), "another leader");
+        let newer = Point { term: 3, ..at.clone() };
+        assert!(!follower_matches(&f, 1, &newer), "another term");
+        let longer = Point {
+            committed: Some(log_id(2, 1, 11)),
+            ..at.clone()
+        };
+        assert!(!follower_matches(&f, 1, &longer), "another log");
+        let mut lagging = f.clone();
+        lagging.settled = false;
+        assert!(!follower_matches(&lagging, 1, &at), "entries not yet committed");
+        let mut candidate = f.clone();
+        candidate.state = ServerState::Candidate;
+        assert!(!follower_matches(&candidate, 1, &at));
+        let mut stopped = f;
+        stopped.running = false;
+        assert!(!follower_matches(&stopped, 1, &at));
+    }
+
+    #[test]
+    fn a_node_that_does_not_hibernate_refuses_every_group() {
+        let req = LivenessRequest {
+            from: 2,
+            incarnation: 7,
+            quiesced: vec![(5, leading().point), (9, leading().point)],
+        };
+        let reply = Hibernation::refuse_all(1, req);
+        assert_eq!(reply.refused, vec![5, 9]);
+        assert_eq!(reply.from, 1);
+    }
 
     #[test]
     fn jitter_is_bounded_and_differs_between_replicas() {
