@@ -12,9 +12,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use basalt_client::{Client, ClientConfig, ClientError};
-use clap::{Parser, ValueEnum};
+use basalt_client::{Client, ClientConfig, ClientError, Sharding};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::idle::IdleArgs;
 use crate::local_cluster::{basaltd_path, ClusterError, LocalCluster, LocalClusterOptions};
 use crate::metrics_scrape::{fetch_metrics, parse_metric, ScrapeError};
 use crate::report::{BenchReport, LatencySummary, ServerStats};
@@ -33,9 +34,59 @@ pub enum WorkloadArg {
     Mixed,
 }
 
-/// Closed-loop load generator for Basalt.
+/// Closed-loop load generator for Basalt; `idle-groups` measures idle replica groups instead.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "basalt-bench", version)]
+#[command(
+    name = "basalt-bench",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+    #[command(flatten)]
+    pub load: BenchArgs,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum BenchCommand {
+    /// Measure what idle replica groups cost each node: memory, CPU and peer traffic.
+    IdleGroups(IdleArgs),
+}
+
+/// What `--create` makes before the run: a keyspace of one kind with its initial shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreateSpec {
+    pub sharding: Sharding,
+    pub shards: u32,
+}
+
+/// Parses `hash:N`, `hash` (16 shards, the server's default) or `range` (one shard, which grows
+/// by splitting).
+pub fn parse_create(s: &str) -> Result<CreateSpec, String> {
+    match s.split_once(':') {
+        None if s == "range" => Ok(CreateSpec {
+            sharding: Sharding::Range,
+            shards: 1,
+        }),
+        None if s == "hash" => Ok(CreateSpec {
+            sharding: Sharding::Hash,
+            shards: 16,
+        }),
+        Some(("hash", n)) => match n.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(CreateSpec {
+                sharding: Sharding::Hash,
+                shards: n,
+            }),
+            _ => Err(format!("{n:?} is not a shard count of at least 1")),
+        },
+        _ => Err(format!("expected hash:N, hash or range, not {s:?}")),
+    }
+}
+
+/// Options of the closed-loop load run.
+#[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Client endpoints of a running cluster (host:port, comma-separated).
     #[arg(long, value_delimiter = ',', required_unless_present = "local_cluster")]
@@ -84,6 +135,13 @@ pub struct BenchArgs {
     /// Seed for key choice and values (default: random; the report shows it).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The keyspace the workload uses (default: the default keyspace).
+    #[arg(long)]
+    pub keyspace: Option<String>,
+    /// Create --keyspace before the run: `hash:N` (N hash shards), `hash` (16) or `range`
+    /// (one shard); replicas are min(3, nodes).
+    #[arg(long, value_parser = parse_create, requires = "keyspace", value_name = "hash:N|range")]
+    pub create: Option<CreateSpec>,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -98,6 +156,8 @@ pub enum BenchError {
     Client(#[from] ClientError),
     #[error("the load generator task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("keyspace {keyspace:?}: {reason}")]
+    Keyspace { keyspace: String, reason: String },
 }
 
 impl BenchArgs {
@@ -125,6 +185,9 @@ impl BenchArgs {
         }
         if !self.metrics.is_empty() && self.metrics.len() != self.endpoints.len() {
             return invalid("--metrics needs one address per --endpoints entry");
+        }
+        if self.keyspace.as_deref() == Some("") {
+            return invalid("--keyspace must not be empty");
         }
         Ok(())
     }
@@ -180,6 +243,59 @@ async fn scrape_all(metrics: &[String]) -> Result<FsyncCounters, String> {
     Ok(total)
 }
 
+/// How long a created keyspace's shards may take to elect their leaders.
+const KEYSPACE_LEADERS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Creates keyspace `name` if asked, then waits until every one of its shards has a leader (as
+/// the answering node sees it) and returns how many shards it has. Without `create` the
+/// keyspace must exist.
+async fn prepare_keyspace(
+    endpoints: &[String],
+    name: &str,
+    create: Option<CreateSpec>,
+    nodes: usize,
+) -> Result<u32, BenchError> {
+    let failed = |reason: String| BenchError::Keyspace {
+        keyspace: name.to_string(),
+        reason,
+    };
+    let mut cfg = ClientConfig::new(endpoints.to_vec());
+    cfg.deadline = Duration::from_secs(30);
+    let admin = Client::connect(cfg).await?;
+    if let Some(spec) = create {
+        crate::idle::wait_for_default_keyspace(&admin, KEYSPACE_LEADERS_TIMEOUT)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let replicas = nodes.clamp(1, 3) as u32;
+        eprintln!(
+            "creating keyspace {name:?} ({:?}, {} shards)...",
+            spec.sharding, spec.shards
+        );
+        admin
+            .create_keyspace(name, spec.sharding, spec.shards, replicas)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    let deadline = tokio::time::Instant::now() + KEYSPACE_LEADERS_TIMEOUT;
+    loop {
+        let shards = admin
+            .list_shards(Some(name), false)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let led = shards.iter().filter(|s| s.leader_id != 0).count();
+        if !shards.is_empty() && led == shards.len() {
+            return Ok(shards.len() as u32);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(failed(format!(
+                "{led} of {} shards have a leader after {KEYSPACE_LEADERS_TIMEOUT:?}",
+                shards.len()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs the benchmark described by `args` and returns its report.
 pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
     args.validate()?;
@@ -219,9 +335,17 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
         }
     };
 
+    let mut shards = None;
+    if let Some(name) = &args.keyspace {
+        shards = Some(prepare_keyspace(&endpoints, name, args.create, args.nodes).await?);
+    }
     let mut connections = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
-        connections.push(Client::connect(ClientConfig::new(endpoints.clone())).await?);
+        let client = Client::connect(ClientConfig::new(endpoints.clone())).await?;
+        connections.push(match &args.keyspace {
+            Some(name) => client.with_keyspace(name.clone()),
+            None => client,
+        });
     }
     let value = value_of_size(args.value_size, seed);
     if workload.needs_preload() {
@@ -271,6 +395,8 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
     }
 
     Ok(BenchReport {
+        keyspace: args.keyspace.clone(),
+        shards,
         workload: workload.name().to_string(),
         read_ratio: workload.read_ratio(),
         target,
@@ -295,8 +421,63 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
 mod tests {
     use super::*;
 
+    fn parse_cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("basalt-bench").chain(args.iter().copied()))
+    }
+
     fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
-        BenchArgs::try_parse_from(std::iter::once("basalt-bench").chain(args.iter().copied()))
+        let cli = parse_cli(args)?;
+        assert!(cli.command.is_none(), "{args:?} is a load run");
+        Ok(cli.load)
+    }
+
+    #[test]
+    fn idle_groups_is_a_subcommand_with_its_own_options() {
+        let cli = parse_cli(&[
+            "idle-groups",
+            "--groups",
+            "100",
+            "--window",
+            "20s",
+            "--hibernate",
+            "false",
+        ])
+        .unwrap();
+        let Some(BenchCommand::IdleGroups(a)) = cli.command else {
+            panic!("not parsed as idle-groups")
+        };
+        assert_eq!(a.groups, 100);
+        assert_eq!(a.window, Duration::from_secs(20));
+        assert_eq!(a.hibernate, Some(false));
+        assert_eq!(a.nodes, 3);
+        assert!(parse_cli(&["idle-groups"]).is_err(), "--groups is required");
+        assert!(parse_cli(&["--local-cluster", "idle-groups", "--groups", "1"]).is_err());
+    }
+
+    #[test]
+    fn a_keyspace_can_be_named_and_created() {
+        let args = parse(&["--local-cluster", "--keyspace", "k", "--create", "hash:16"]).unwrap();
+        assert_eq!(args.keyspace.as_deref(), Some("k"));
+        assert_eq!(
+            args.create,
+            Some(CreateSpec {
+                sharding: Sharding::Hash,
+                shards: 16
+            })
+        );
+        assert_eq!(parse_create("range").unwrap().shards, 1);
+        assert_eq!(parse_create("hash").unwrap().shards, 16);
+        for bad in ["hash:0", "hash:x", "range:2", "list", ""] {
+            assert!(parse_create(bad).is_err(), "{bad:?}");
+        }
+        assert!(
+            parse(&["--local-cluster", "--create", "range"]).is_err(),
+            "--create needs --keyspace"
+        );
+        assert!(parse(&["--local-cluster", "--keyspace", ""])
+            .unwrap()
+            .validate()
+            .is_err());
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! - [`local_cluster`]: spawns, signals, restarts and cleans up local `basaltd` processes.
 //! - [`metrics_scrape`]: reads Prometheus text metrics over plain HTTP.
 //! - [`workload`], [`report`], [`bench`]: the closed-loop load generator behind `basalt-bench`.
+//! - [`idle`]: `basalt-bench idle-groups`, the cost of idle replica groups per node.
 //! - [`demo`]: the guided failover walkthrough behind `basalt-demo`.
 
 pub mod bench;
 pub mod demo;
+pub mod idle;
 pub mod local_cluster;
 pub mod metrics_scrape;
 pub mod report;

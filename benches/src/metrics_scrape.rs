@@ -120,16 +120,60 @@ pub fn parse_metric(exposition: &str, name: &str) -> Option<f64> {
     total
 }
 
+/// The value of metric `name` summed over the label sets that include `label="value"`; `None`
+/// if no such sample is present.
+pub fn parse_metric_labeled(exposition: &str, name: &str, label: &str, value: &str) -> Option<f64> {
+    let wanted = format!("{label}=\"{value}\"");
+    let mut total: Option<f64> = None;
+    for line in exposition.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((sample_name, labels, v)) = split_labeled_sample(line) else {
+            continue;
+        };
+        if sample_name == name && has_label(labels, &wanted) {
+            *total.get_or_insert(0.0) += v;
+        }
+    }
+    total
+}
+
+/// Whether the label set `labels` (the text between the braces) holds exactly `pair`
+/// (`name="value"`), not merely a label whose value ends with it.
+fn has_label(labels: &str, pair: &str) -> bool {
+    let mut at = 0;
+    while let Some(found) = labels[at..].find(pair) {
+        let start = at + found;
+        let before = labels[..start].chars().next_back();
+        if matches!(before, None | Some(',') | Some(' ')) {
+            return true;
+        }
+        at = start + pair.len();
+    }
+    false
+}
+
 /// Splits `name{labels} value [timestamp]` into name and value.
 fn split_sample(line: &str) -> Option<(&str, f64)> {
+    split_labeled_sample(line).map(|(name, _, value)| (name, value))
+}
+
+/// Splits `name{labels} value [timestamp]` into name, the text inside the braces (empty when
+/// there are none) and value.
+fn split_labeled_sample(line: &str) -> Option<(&str, &str, f64)> {
     let name_end = line.find(|c: char| c == '{' || c.is_whitespace()).unwrap_or(line.len());
     let name = &line[..name_end];
     let mut rest = &line[name_end..];
+    let mut labels = "";
     if rest.starts_with('{') {
-        rest = &rest[labels_end(rest)?..];
+        let end = labels_end(rest)?;
+        labels = &rest[1..end - 1];
+        rest = &rest[end..];
     }
     let value = rest.split_whitespace().next()?;
-    Some((name, value.parse().ok()?))
+    Some((name, labels, value.parse().ok()?))
 }
 
 /// The byte offset just past the `}` closing a label set that starts at `labels[0] == '{'`.
@@ -194,6 +238,28 @@ weird_value NaN
             Some(13.0)
         );
         assert!(parse_metric(EXPOSITION, "weird_value").is_some_and(f64::is_nan));
+    }
+
+    #[test]
+    fn labeled_samples_are_selected_by_an_exact_label() {
+        let text = "basalt_peer_rpcs_sent_total{kind=\"heartbeat\"} 10\n\
+                    basalt_peer_rpcs_sent_total{kind=\"append\"} 3\n\
+                    basalt_peer_rpcs_sent_total{x=\"a\",kind=\"heartbeat\"} 5\n\
+                    basalt_peer_rpcs_sent_total{kind=\"not_heartbeat\"} 100\n\
+                    basalt_peer_rpcs_sent_totally{kind=\"heartbeat\"} 7\n";
+        assert_eq!(
+            parse_metric_labeled(text, "basalt_peer_rpcs_sent_total", "kind", "heartbeat"),
+            Some(15.0)
+        );
+        assert_eq!(
+            parse_metric_labeled(text, "basalt_peer_rpcs_sent_total", "kind", "append"),
+            Some(3.0)
+        );
+        assert_eq!(
+            parse_metric_labeled(text, "basalt_peer_rpcs_sent_total", "kind", "vote"),
+            None
+        );
+        assert_eq!(parse_metric(text, "basalt_peer_rpcs_sent_total"), Some(118.0));
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct ServerStats {
 /// One run's result.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BenchReport {
+    /// The keyspace the run used; `None` is the default keyspace.
+    pub keyspace: Option<String>,
+    /// Its shards when the run started (known only when `keyspace` is set).
+    pub shards: Option<u32>,
     pub workload: String,
     pub read_ratio: f64,
     /// What was measured, e.g. "local cluster of 3 nodes" or "3 endpoints".
@@ -86,8 +90,13 @@ impl BenchReport {
         } else {
             self.workload.clone()
         };
+        let keyspace = match (&self.keyspace, self.shards) {
+            (Some(k), Some(n)) => format!(", keyspace {k} ({n} shards)"),
+            (Some(k), None) => format!(", keyspace {k}"),
+            _ => String::new(),
+        };
         let mut out = format!(
-            "basalt-bench: {workload} on {}, {} clients over {} connections, {}-byte values, {} keys\n\
+            "basalt-bench: {workload} on {}{keyspace}, {} clients over {} connections, {}-byte values, {} keys\n\
              measured {} after {} of warm-up (seed {})\n\n",
             self.target,
             self.clients,
@@ -182,6 +191,8 @@ mod tests {
 
     fn sample_report() -> BenchReport {
         BenchReport {
+            keyspace: None,
+            shards: None,
             workload: "mixed".into(),
             read_ratio: 0.5,
             target: "local cluster of 3 nodes".into(),

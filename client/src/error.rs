@@ -70,7 +70,11 @@ pub(crate) enum Disposition {
     /// covers the key as far as the node knows (`None` when it does not know): a descriptor for
     /// the routing cache, and replica addresses worth learning, since the configured seeds may
     /// not include them.
-    WrongShard { keyspace: String, current: Option<Shard> },
+    /// (Boxed: a descriptor is large next to the other variants.)
+    WrongShard {
+        keyspace: String,
+        current: Option<Box<Shard>>,
+    },
     /// A transient failure (transport error, overload, timeout): try another endpoint after a
     /// backoff.
     Retry,
@@ -90,7 +94,7 @@ pub(crate) fn classify(status: &Status) -> Disposition {
     if let Some(ErrorKind::WrongShard(ws)) = detail {
         return Disposition::WrongShard {
             keyspace: ws.keyspace,
-            current: ws.current,
+            current: ws.current.map(Box::new),
         };
     }
     match status.code() {
@@ -240,7 +244,7 @@ mod tests {
             Disposition::WrongShard { keyspace, current } => {
                 assert_eq!(keyspace, "orders");
                 assert_eq!(current.as_ref().map(|s| s.id), Some(7));
-                assert_eq!(replica_addrs(current.as_ref()), ["10.0.0.4:7379"]);
+                assert_eq!(replica_addrs(current.as_deref()), ["10.0.0.4:7379"]);
             }
             other => panic!("expected WrongShard, got {other:?}"),
         }

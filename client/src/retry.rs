@@ -222,7 +222,7 @@ where
                     epoch = current.as_ref().map(|s| s.epoch),
                     "wrong shard"
                 );
-                route.on_wrong_shard(&target, current.as_ref())
+                route.on_wrong_shard(&target, current.as_deref())
             }
             Disposition::Retry => {
                 tracing::debug!(op, attempt, endpoint = %target.addr, error = %last_error, "transient failure");

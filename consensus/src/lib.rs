@@ -21,5 +21,5 @@ pub mod raft;
 mod replication;
 
 pub use error::ReplicationError;
-pub use metrics::ConsensusMetrics;
+pub use metrics::{ConsensusMetrics, PeerKind};
 pub use replication::{BoxFuture, GroupHealth, GroupStatus, MemberInfo, ReadBarrier, Replication, Role, StateReader};

@@ -62,9 +62,11 @@ impl TestCluster {
             let addr = l.local_addr().unwrap().to_string();
             let registry = GroupRegistry::default();
             let r = registry.clone();
+            let metrics = ConsensusMetrics::unregistered().unwrap();
+            let service = PeerService::new(id, r, metrics.clone());
             let server = tokio::spawn(async move {
                 let _ = tonic::transport::Server::builder()
-                    .add_service(RaftPeerServer::new(PeerService::new(r)))
+                    .add_service(RaftPeerServer::new(service))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
                     .await;
             });
@@ -75,7 +77,7 @@ impl TestCluster {
                 group: None,
                 registry,
                 _server: server,
-                metrics: ConsensusMetrics::unregistered().unwrap(),
+                metrics,
                 _dir: tempfile::tempdir().unwrap(),
             });
         }

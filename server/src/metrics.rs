@@ -3,12 +3,14 @@
 //! Counters and histograms are updated on the request path; Raft gauges (term, commit, applied,
 //! leadership) are sampled from each group's status when `/metrics` is scraped, so they cost
 //! nothing between scrapes and are never stale. Storage (fsyncs, entries per fsync) and consensus
-//! (snapshot events) register their own metrics in the same registry.
+//! (snapshot events, peer traffic by kind, hibernation events) register their own metrics in the
+//! same registry; the count of replicas in each hibernation state is sampled at scrape time too.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use basalt_consensus::raft::hibernation::census;
 use basalt_consensus::raft::peer_service::GroupRegistry;
 use basalt_consensus::{Replication, Role};
 use http_body_util::Full;
@@ -25,6 +27,7 @@ pub struct ServerMetrics {
     forwarded: IntCounterVec,
     forwards_abandoned: IntCounterVec,
     raft: IntGaugeVec,
+    hibernation: IntGaugeVec,
 }
 
 impl ServerMetrics {
@@ -67,7 +70,16 @@ impl ServerMetrics {
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(forwarded.clone()))?;
         registry.register(Box::new(forwards_abandoned.clone()))?;
+        let hibernation = IntGaugeVec::new(
+            Opts::new(
+                "basalt_raft_hibernation_groups",
+                "Local replicas by hibernation state: awake, quiescing, quiesced (leaders not ticking), \
+                 asleep (followers not ticking), dormant (reopened, not yet settled)",
+            ),
+            &["state"],
+        )?;
         registry.register(Box::new(raft.clone()))?;
+        registry.register(Box::new(hibernation.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -75,6 +87,7 @@ impl ServerMetrics {
             forwarded,
             forwards_abandoned,
             raft,
+            hibernation,
         })
     }
 
@@ -131,6 +144,18 @@ impl ServerMetrics {
             set("applied_index", s.applied_index);
             set("snapshot_index", s.snapshot_index);
             set("is_leader", u64::from(s.role == Role::Leader));
+        }
+        let c = census(groups);
+        for (state, n) in [
+            ("awake", c.awake),
+            ("quiescing", c.quiescing),
+            ("quiesced", c.quiesced),
+            ("asleep", c.asleep),
+            ("dormant", c.dormant),
+        ] {
+            self.hibernation
+                .with_label_values(&[state])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 

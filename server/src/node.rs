@@ -20,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_consensus::raft::hibernation::Hibernation;
 use basalt_consensus::raft::network::PeerClients;
 use basalt_consensus::raft::peer_service::PeerService;
 use basalt_consensus::{ConsensusMetrics, Replication, ReplicationError};
@@ -185,7 +186,7 @@ impl Node {
         let consensus_metrics = ConsensusMetrics::new(&metrics.registry)?;
         let peers = PeerClients::with_dialer(env.dialer);
 
-        let replicas = Replicas::new(cfg.clone(), engine, writer, peers.clone(), consensus_metrics);
+        let replicas = Replicas::new(cfg.clone(), engine, writer, peers.clone(), consensus_metrics.clone());
         let weak = Arc::downgrade(&replicas);
         replicas.set_split_hook(Arc::new(move |group: u64, shard: ShardState| {
             let weak = weak.clone();
@@ -243,8 +244,19 @@ impl Node {
             forwarder.clone(),
             cfg.placement.clone(),
         );
-        let admin = AdminService::new(placement.clone(), driver.clone(), peers, forwarder, metrics.clone());
-        let peer = PeerService::new(registry);
+        let admin = AdminService::new(
+            placement.clone(),
+            driver.clone(),
+            peers.clone(),
+            forwarder,
+            metrics.clone(),
+        );
+        let mut peer = PeerService::new(cfg.node_id, registry.clone(), consensus_metrics.clone());
+        if let Some(h) = cfg.hibernation() {
+            let h = Hibernation::new(cfg.node_id, h, registry, peers.clone(), consensus_metrics);
+            peer = peer.with_hibernation(h.clone());
+            tasks.push(tokio::spawn(h.run(shutdown_rx.clone())));
+        }
 
         let mut rx = shutdown_rx.clone();
         let grpc = tonic::transport::Server::builder()

@@ -120,6 +120,7 @@ impl Replicas {
         g.heartbeat_interval = cfg.heartbeat_interval;
         g.election_timeout_min = cfg.election_timeout_min;
         g.election_timeout_max = cfg.election_timeout_max;
+        g.hibernation = cfg.hibernation();
         g.on_split = self.on_split.read().clone();
         g.on_claim = self.on_claim.read().clone();
         g

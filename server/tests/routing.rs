@@ -163,7 +163,7 @@ async fn a_range_keyspace_splitting_under_load_fails_no_request() {
             let mut first_error = None;
             while !stop.load(Ordering::Relaxed) {
                 let key = Bytes::from(format!("load-w{:02}-{:06}", n % 8, n / 8));
-                let result = if n % 10 == 0 {
+                let result = if n.is_multiple_of(10) {
                     c.scan(key, None, 20).await.map(|_| ())
                 } else {
                     c.get(key).await.map(|_| ())

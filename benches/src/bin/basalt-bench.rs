@@ -1,17 +1,18 @@
-//! `basalt-bench`: closed-loop load generator for Basalt. The logic lives in
-//! [`basalt_bench::bench`]; this file only parses arguments, runs it and prints the report.
+//! `basalt-bench`: closed-loop load generator for Basalt, and `basalt-bench idle-groups`, the
+//! idle-group cost measurement. The logic lives in [`basalt_bench::bench`] and
+//! [`basalt_bench::idle`]; this file only parses arguments, runs one and prints its report.
 //!
 //! Exit status: 0 when the run measured at least one successful operation, 1 otherwise (an
 //! error, or a run in which every operation failed), so scripts can trust a zero.
 
 use std::process::ExitCode;
 
-use basalt_bench::bench::{self, BenchArgs};
+use basalt_bench::bench::{self, BenchCommand, Cli};
+use basalt_bench::idle;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = BenchArgs::parse();
-    let json = args.json;
+    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -19,6 +20,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(BenchCommand::IdleGroups(args)) = cli.command {
+        let json = args.json;
+        return match runtime.block_on(idle::run(args)) {
+            Ok(report) => {
+                if json {
+                    println!("{}", report.to_json());
+                } else {
+                    print!("{}", report.render_text());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("basalt-bench idle-groups: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let args = cli.load;
+    let json = args.json;
     match runtime.block_on(bench::run(args)) {
         Ok(report) => {
             if json {

@@ -11,6 +11,7 @@
 //! resumes rather than re-forming the cluster.
 
 pub mod blocking;
+pub mod hibernation;
 pub mod log_store;
 pub mod network;
 pub mod peer_service;
@@ -27,8 +28,9 @@ use basalt_storage::{Engine, GroupCommitWriter, KvStateMachine, RaftLog, ShardSt
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
+use self::hibernation::{HibernationConfig, Sleep, SleepCell};
 use self::log_store::LogStore;
 use self::network::{Network, PeerClients};
 use self::state_machine::{SnapshotDir, StateMachineStore};
@@ -77,6 +79,9 @@ pub struct RaftGroupConfig {
     pub logs_kept_after_snapshot: u64,
     /// Upper bound on one proposal, read barrier or membership step.
     pub request_timeout: Duration,
+    /// Idle-group hibernation (see [`hibernation`]); `None` keeps the group ticking always.
+    /// Must match the node's [`hibernation::Hibernation`], which drives it.
+    pub hibernation: Option<HibernationConfig>,
 }
 
 impl std::fmt::Debug for RaftGroupConfig {
@@ -105,11 +110,13 @@ impl RaftGroupConfig {
             snapshot_threshold: 10_000,
             logs_kept_after_snapshot: 1_000,
             request_timeout: Duration::from_secs(5),
+            hibernation: None,
         }
     }
 
-    fn openraft_config(&self) -> Result<openraft::Config, ReplicationError> {
+    fn openraft_config(&self, tick: bool) -> Result<openraft::Config, ReplicationError> {
         let c = openraft::Config {
+            enable_tick: tick,
             cluster_name: format!("basalt-group-{}", self.group_id),
             heartbeat_interval: self.heartbeat_interval.as_millis() as u64,
             election_timeout_min: self.election_timeout_min.as_millis() as u64,
@@ -139,6 +146,7 @@ pub struct RaftGroup {
     snapshots: SnapshotDir,
     metrics: ConsensusMetrics,
     health: Arc<GroupHealth>,
+    sleep: Mutex<SleepCell>,
 }
 
 impl RaftGroup {
@@ -170,9 +178,26 @@ impl RaftGroup {
             },
         )
         .map_err(|e| ReplicationError::Stopped(format!("state machine: {e}")))?;
-        let log = LogStore::new(RaftLog::new(engine, writer, cfg.group_id), health.clone());
+        let mut log = LogStore::new(RaftLog::new(engine, writer, cfg.group_id), health.clone());
+        // A replica reopened with state (it has seen a term) starts dormant when groups hibernate:
+        // its group may be asleep, and campaigning before anyone could reach it would only
+        // disturb it (see `hibernation`).
+        let restored = {
+            use openraft::storage::RaftLogReader;
+            log.read_vote()
+                .await
+                .map_err(|e| ReplicationError::Stopped(format!("reading the vote: {e}")))?
+                .is_some_and(|v| v.leader_id().term > 0)
+        };
+        let sleep = match &cfg.hibernation {
+            Some(h) if restored => Sleep::Dormant {
+                until: tokio::time::Instant::now() + h.liveness_timeout + h.jitter(cfg.group_id, cfg.node_id),
+            },
+            _ => Sleep::Awake,
+        };
         let network = Network::new(cfg.group_id, peers, metrics.clone());
-        let raft = Raft::new(cfg.node_id, Arc::new(cfg.openraft_config()?), network, log, store)
+        let openraft_cfg = cfg.openraft_config(sleep == Sleep::Awake)?;
+        let raft = Raft::new(cfg.node_id, Arc::new(openraft_cfg), network, log, store)
             .await
             .map_err(|e| ReplicationError::Stopped(format!("raft failed to start: {e}")))?;
         Ok(Arc::new(Self {
@@ -182,6 +207,7 @@ impl RaftGroup {
             snapshots,
             metrics,
             health,
+            sleep: Mutex::new(SleepCell::new(sleep)),
         }))
     }
 
@@ -227,6 +253,22 @@ impl RaftGroup {
             tracing::warn!(group = self.cfg.group_id, error = %e, "raft shutdown");
         }
         self.reader.retire();
+    }
+
+    pub(crate) fn health(&self) -> &GroupHealth {
+        &self.health
+    }
+
+    pub(crate) fn node_id(&self) -> u64 {
+        self.cfg.node_id
+    }
+
+    pub(crate) fn hibernation(&self) -> Option<&HibernationConfig> {
+        self.cfg.hibernation.as_ref()
+    }
+
+    pub(crate) fn sleep(&self) -> &Mutex<SleepCell> {
+        &self.sleep
     }
 
     /// Builds a snapshot now (and so allows the log behind it to be purged).
@@ -460,6 +502,7 @@ impl Replication for RaftGroup {
     }
 
     fn propose(&self, request: WriteRequest) -> BoxFuture<'_, Result<WriteResponse, ReplicationError>> {
+        self.touch();
         Box::pin(self.bounded(
             "write",
             async move {
@@ -474,6 +517,7 @@ impl Replication for RaftGroup {
     }
 
     fn read_barrier(&self) -> BoxFuture<'_, Result<ReadBarrier, ReplicationError>> {
+        self.touch();
         Box::pin(self.bounded(
             "read barrier",
             async move {
@@ -497,6 +541,7 @@ impl Replication for RaftGroup {
     }
 
     fn add_member(&self, id: u64, addr: String) -> BoxFuture<'_, Result<(), ReplicationError>> {
+        self.touch();
         Box::pin(async move {
             self.health.check()?;
             // Only the leader may judge "already a member": a removed node still lists itself,
@@ -524,6 +569,7 @@ impl Replication for RaftGroup {
     }
 
     fn remove_member(&self, id: u64) -> BoxFuture<'_, Result<(), ReplicationError>> {
+        self.touch();
         Box::pin(self.bounded(
             "remove member",
             async move {
@@ -554,6 +600,7 @@ impl Replication for RaftGroup {
     }
 
     fn transfer_leader(&self, to: u64) -> BoxFuture<'_, Result<(), ReplicationError>> {
+        self.touch();
         Box::pin(self.bounded(
             "leader transfer",
             async move {

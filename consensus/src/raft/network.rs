@@ -25,12 +25,13 @@ use openraft::raft::{
 };
 use openraft::{AnyError, BasicNode, OptionalSend, RaftNetworkFactory, RaftNetworkV2};
 use parking_lot::Mutex;
+use prost::Message as _;
 use serde::{de::DeserializeOwned, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use super::types::{NodeId, Snapshot, SnapshotFile, TypeConfig, Vote};
 use super::wire;
-use crate::ConsensusMetrics;
+use crate::{ConsensusMetrics, PeerKind};
 
 /// Size of one snapshot chunk on the wire.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
@@ -185,6 +186,34 @@ impl PeerConnection {
         r
     }
 
+    /// Sends one request and decodes its reply, counting the traffic by `kind`.
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        kind: PeerKind,
+        what: &'static str,
+        req: &Req,
+        option: &RPCOption,
+        send: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        F: FnOnce(RaftPeerClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
+    {
+        let msg = self.message(what, req)?;
+        let sent = msg.encoded_len();
+        let reply = match send(self.client()?, Self::request(msg, option)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                self.metrics.rpc_sent(kind, sent, 0);
+                return Err(self.map_status(s));
+            }
+        };
+        self.metrics.rpc_sent(kind, sent, reply.encoded_len());
+        self.reply(what, reply)
+    }
+
     fn map_status(&self, s: tonic::Status) -> RPCError<TypeConfig> {
         match s.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => unreachable(&s),
@@ -201,13 +230,15 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let msg = self.message("append entries", &rpc)?;
-        let reply = self
-            .client()?
-            .append_entries(Self::request(msg, &option))
-            .await
-            .map_err(|s| self.map_status(s))?;
-        self.reply("append entries", reply.into_inner())
+        let kind = if rpc.entries.is_empty() {
+            PeerKind::Heartbeat
+        } else {
+            PeerKind::Append
+        };
+        self.call(kind, "append entries", &rpc, &option, |mut c, r| async move {
+            c.append_entries(r).await
+        })
+        .await
     }
 
     async fn vote(
@@ -215,13 +246,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let msg = self.message("vote", &rpc)?;
-        let reply = self
-            .client()?
-            .vote(Self::request(msg, &option))
-            .await
-            .map_err(|s| self.map_status(s))?;
-        self.reply("vote", reply.into_inner())
+        self.call(PeerKind::Vote, "vote", &rpc, &option, |mut c, r| async move {
+            c.vote(r).await
+        })
+        .await
     }
 
     async fn pre_vote(
@@ -229,13 +257,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let msg = self.message("pre-vote", &rpc)?;
-        let reply = self
-            .client()?
-            .pre_vote(Self::request(msg, &option))
-            .await
-            .map_err(|s| self.map_status(s))?;
-        self.reply("pre-vote", reply.into_inner())
+        self.call(PeerKind::PreVote, "pre-vote", &rpc, &option, |mut c, r| async move {
+            c.pre_vote(r).await
+        })
+        .await
     }
 
     async fn transfer_leader(
@@ -243,13 +268,14 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let msg = self.message("transfer leader", &req)?;
-        let reply = self
-            .client()?
-            .transfer_leader(Self::request(msg, &option))
-            .await
-            .map_err(|s| self.map_status(s))?;
-        self.reply("transfer leader", reply.into_inner())
+        self.call(
+            PeerKind::TransferLeader,
+            "transfer leader",
+            &req,
+            &option,
+            |mut c, r| async move { c.transfer_leader(r).await },
+        )
+        .await
     }
 
     async fn full_snapshot(
@@ -268,6 +294,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let reader = tokio::spawn(async move {
             let mut file = super::blocking::run(move || std::fs::File::open(path)).await??;
             let mut offset = 0u64;
+            let mut wire_bytes = 0usize;
             let mut meta = Some(meta);
             loop {
                 let (f, buf) = super::blocking::run(move || read_chunk(file)).await??;
@@ -284,8 +311,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                     done,
                 };
                 offset += filled as u64;
+                wire_bytes += chunk.encoded_len();
                 if tx.send(chunk).await.is_err() || done {
-                    return Ok::<u64, std::io::Error>(offset);
+                    return Ok::<usize, std::io::Error>(wire_bytes);
                 }
             }
         });
@@ -301,13 +329,20 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             r = call => r,
         };
         let sent = reader.await;
+        let sent_bytes = match &sent {
+            Ok(Ok(n)) => *n,
+            _ => 0,
+        };
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(s) => {
+                self.metrics.rpc_sent(PeerKind::Snapshot, sent_bytes, 0);
                 self.metrics.snapshot_event("send_failed");
                 return Err(StreamingError::Network(NetworkError::new(&s)));
             }
         };
+        self.metrics
+            .rpc_sent(PeerKind::Snapshot, sent_bytes, reply.encoded_len());
         match sent {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {

@@ -5,6 +5,10 @@
 //! and for snapshots the order and checksum of every chunk and then the whole file's own record
 //! checksums. A failed check is answered with an error (the sender retries); it never reaches the
 //! state machine.
+//!
+//! Hibernation (see [`super::hibernation`]) hooks in here: every Raft message lets a sleeping
+//! replica check whether it must wake, a sleeping follower whose leader is confirmed alive
+//! refuses votes, and the node-level liveness exchange is served here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,11 +20,15 @@ use parking_lot::RwLock;
 use serde::{de::DeserializeOwned, Serialize};
 use tonic::{Request, Response, Status, Streaming};
 
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use prost::Message as _;
+
+use super::hibernation::{Hibernation, LivenessRequest};
 use super::network::RemoteResult;
 use super::types::{Snapshot, SnapshotFile, SnapshotMeta, TypeConfig, Vote};
 use super::wire;
 use super::RaftGroup;
-use crate::{Replication, Role};
+use crate::{ConsensusMetrics, PeerKind, Replication, Role};
 
 /// The groups hosted on this node, by id.
 #[derive(Clone, Default)]
@@ -49,12 +57,80 @@ impl GroupRegistry {
 }
 
 pub struct PeerService {
+    node_id: u64,
     registry: GroupRegistry,
+    metrics: ConsensusMetrics,
+    hibernation: Option<Arc<Hibernation>>,
 }
 
 impl PeerService {
-    pub fn new(registry: GroupRegistry) -> Self {
-        Self { registry }
+    /// The service of node `node_id`, whose groups do not hibernate.
+    pub fn new(node_id: u64, registry: GroupRegistry, metrics: ConsensusMetrics) -> Self {
+        Self {
+            node_id,
+            registry,
+            metrics,
+            hibernation: None,
+        }
+    }
+
+    /// Serves the liveness exchange of `h` (the node's groups hibernate).
+    pub fn with_hibernation(mut self, h: Arc<Hibernation>) -> Self {
+        self.hibernation = Some(h);
+        self
+    }
+
+    /// Handles one request-reply Raft RPC for its group, counting its traffic and letting a
+    /// sleeping replica check whether the message woke it.
+    async fn serve<T, R, E, F, Fut>(
+        &self,
+        kind: impl FnOnce(&T) -> PeerKind,
+        what: &'static str,
+        req: Request<RaftMessage>,
+        handle: F,
+    ) -> Result<Response<RaftMessage>, Status>
+    where
+        T: DeserializeOwned,
+        R: Serialize,
+        E: std::fmt::Display,
+        F: FnOnce(Arc<RaftGroup>, T) -> Fut,
+        Fut: std::future::Future<Output = Result<R, E>>,
+    {
+        let msg = req.into_inner();
+        let size = msg.encoded_len();
+        let (g, rpc) = self.open::<T>(what, &msg)?;
+        let kind = kind(&rpc);
+        let r = handle(g.clone(), rpc).await;
+        g.after_message();
+        let reply = Self::reply(msg.group_id, what, r)?;
+        self.metrics.rpc_served(kind, size, reply.get_ref().encoded_len());
+        Ok(reply)
+    }
+
+    /// A vote or pre-vote: refused on the spot by a sleeping follower whose leader is confirmed
+    /// alive, otherwise handled by openraft.
+    async fn serve_vote(
+        &self,
+        kind: PeerKind,
+        what: &'static str,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let timeout = self.hibernation.as_ref().map(|h| h.config().liveness_timeout);
+        self.serve(
+            |_: &VoteRequest<TypeConfig>| kind,
+            what,
+            req,
+            |g, rpc| async move {
+                if let Some(refusal) = timeout.and_then(|t| g.refuse_vote(&rpc, t)) {
+                    return Ok(refusal);
+                }
+                match kind {
+                    PeerKind::PreVote => g.raft().pre_vote(rpc).await,
+                    _ => g.raft().vote(rpc).await,
+                }
+            },
+        )
+        .await
     }
 
     fn group(&self, id: u64) -> Result<Arc<RaftGroup>, Status> {
@@ -95,28 +171,59 @@ impl PeerService {
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg = req.into_inner();
-        let (g, rpc) = self.open::<openraft::raft::AppendEntriesRequest<TypeConfig>>("append entries", &msg)?;
-        Self::reply(msg.group_id, "append entries reply", g.raft().append_entries(rpc).await)
+        self.serve(
+            |rpc: &AppendEntriesRequest<TypeConfig>| {
+                if rpc.entries.is_empty() {
+                    PeerKind::Heartbeat
+                } else {
+                    PeerKind::Append
+                }
+            },
+            "append entries",
+            req,
+            |g, rpc| async move { g.raft().append_entries(rpc).await },
+        )
+        .await
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg = req.into_inner();
-        let (g, rpc) = self.open::<openraft::raft::VoteRequest<TypeConfig>>("vote", &msg)?;
-        Self::reply(msg.group_id, "vote reply", g.raft().vote(rpc).await)
+        self.serve_vote(PeerKind::Vote, "vote", req).await
     }
 
     async fn pre_vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg = req.into_inner();
-        let (g, rpc) = self.open::<openraft::raft::VoteRequest<TypeConfig>>("pre-vote", &msg)?;
-        Self::reply(msg.group_id, "pre-vote reply", g.raft().pre_vote(rpc).await)
+        self.serve_vote(PeerKind::PreVote, "pre-vote", req).await
     }
 
     async fn transfer_leader(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.serve(
+            |_: &TransferLeaderRequest<TypeConfig>| PeerKind::TransferLeader,
+            "transfer leader",
+            req,
+            |g, rpc| async move { g.raft().handle_transfer_leader(rpc).await },
+        )
+        .await
+    }
+
+    async fn node_liveness(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
-        let (g, rpc) = self.open::<openraft::raft::TransferLeaderRequest<TypeConfig>>("transfer leader", &msg)?;
-        let r = g.raft().handle_transfer_leader(rpc).await;
-        Self::reply(msg.group_id, "transfer leader reply", r)
+        let size = msg.encoded_len();
+        let decoded = wire::verify_crc("liveness", &[&msg.payload], msg.crc32)
+            .and_then(|()| wire::decode::<LivenessRequest>("liveness", &msg.payload));
+        let request = match decoded {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.corrupt_messages.inc();
+                return Err(Status::data_loss(e.to_string()));
+            }
+        };
+        let answer = match &self.hibernation {
+            Some(h) => h.on_request(request),
+            None => Hibernation::refuse_all(self.node_id, request),
+        };
+        let reply = Self::reply(0, "liveness reply", Ok::<_, String>(answer))?;
+        self.metrics
+            .rpc_served(PeerKind::Liveness, size, reply.get_ref().encoded_len());
+        Ok(reply)
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
@@ -125,6 +232,7 @@ impl RaftPeer for PeerService {
             .next()
             .await
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let mut size = first.encoded_len();
         let group = self.group(first.group_id)?;
         let group_id = first.group_id;
         let (vote, meta): (Vote, SnapshotMeta) = {
@@ -136,7 +244,7 @@ impl RaftPeer for PeerService {
                 })?
         };
         let path = group.snapshot_dir().temp_path("incoming");
-        let received = receive_chunks(&path, group_id, first, &mut stream).await;
+        let received = receive_chunks(&path, group_id, first, &mut stream, &mut size).await;
         if let Err(st) = received {
             remove_quietly(&path).await;
             group.metrics().snapshot_event("receive_rejected");
@@ -159,7 +267,11 @@ impl RaftPeer for PeerService {
             snapshot: SnapshotFile { path },
         };
         let r = group.raft().install_full_snapshot(vote, snapshot).await;
-        Self::reply(group_id, "install snapshot reply", r)
+        group.after_message();
+        let reply = Self::reply(group_id, "install snapshot reply", r)?;
+        self.metrics
+            .rpc_served(PeerKind::Snapshot, size, reply.get_ref().encoded_len());
+        Ok(reply)
     }
 
     async fn node_status(&self, req: Request<NodeStatusRequest>) -> Result<Response<NodeStatusResponse>, Status> {
@@ -190,6 +302,7 @@ async fn receive_chunks(
     group_id: u64,
     first: SnapshotChunk,
     stream: &mut Streaming<SnapshotChunk>,
+    wire_bytes: &mut usize,
 ) -> Result<(), Status> {
     let io = |e: std::io::Error| Status::internal(format!("writing received snapshot: {e}"));
     let owned = path.to_path_buf();
@@ -229,6 +342,7 @@ async fn receive_chunks(
             Some(c) => c?,
             None => return Err(Status::data_loss("snapshot stream ended before its last chunk")),
         };
+        *wire_bytes += chunk.encoded_len();
     }
     super::blocking::run(move || file.sync_all())
         .await

@@ -395,7 +395,8 @@ fn node_config(
     snapshot_threshold: u64,
 ) -> NodeConfig {
     use basalt_server::config::{
-        DEFAULT_ELECTION_TIMEOUT_MAX, DEFAULT_ELECTION_TIMEOUT_MIN, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LOG_LEVEL,
+        DEFAULT_ELECTION_TIMEOUT_MAX, DEFAULT_ELECTION_TIMEOUT_MIN, DEFAULT_HEARTBEAT_INTERVAL,
+        DEFAULT_HIBERNATE_AFTER, DEFAULT_LIVENESS_INTERVAL, DEFAULT_LIVENESS_TIMEOUT, DEFAULT_LOG_LEVEL,
     };
     // A clock that runs fast fires its timers early in true time, and the reverse.
     let scaled = |d: Duration| d.div_f64(clock_rate);
@@ -414,6 +415,10 @@ fn node_config(
         election_timeout_min: scaled(DEFAULT_ELECTION_TIMEOUT_MIN),
         election_timeout_max: scaled(DEFAULT_ELECTION_TIMEOUT_MAX),
         placement: Default::default(),
+        hibernate_idle_groups: true,
+        liveness_interval: scaled(DEFAULT_LIVENESS_INTERVAL),
+        liveness_timeout: scaled(DEFAULT_LIVENESS_TIMEOUT),
+        hibernate_after: scaled(DEFAULT_HIBERNATE_AFTER),
     }
 }
 
