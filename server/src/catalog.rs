@@ -249,6 +249,15 @@ impl Catalog {
             .find(|s| s.shard.keyspace == keyspace && s.shard.contains(key))
     }
 
+    /// Whether shard `id` takes part in a merge under way: marked to be merged away, or the left
+    /// neighbour a marked shard merges into. Such a shard is neither moved nor split until the
+    /// merge ends (see [`crate::merge`]).
+    pub fn in_merge(&self, id: u64) -> bool {
+        self.shards
+            .values()
+            .any(|s| s.merge.as_ref().is_some_and(|m| s.id == id || m.into == id))
+    }
+
     /// Whether a keyspace with this id existed and was dropped (ids are never reused).
     pub fn dropped(&self, keyspace: u32) -> bool {
         keyspace != SYSTEM_KEYSPACE && keyspace <= self.last_keyspace_id && self.keyspace_by_id(keyspace).is_none()
@@ -285,6 +294,12 @@ impl CatalogTxn<'_> {
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.guard(&key);
         self.ops.push(TxnOp::Put { key, value });
+    }
+
+    /// Makes the transaction apply only if shard `id`'s descriptor is still as in the view,
+    /// though it does not write it: for decisions that depend on a neighbour's state.
+    pub fn guard_shard(&mut self, id: u64) {
+        self.guard(&shard_key(id));
     }
 
     pub fn new_group_id(&mut self) -> u64 {

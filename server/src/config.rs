@@ -88,6 +88,14 @@ pub struct Flags {
     /// Split a shard when it serves more than this many requests per second (0: never).
     #[arg(long, value_name = "REQUESTS_PER_SEC")]
     pub split_load: Option<u64>,
+    /// Merge two adjacent shards of a range keyspace when together they hold fewer bytes than
+    /// this (0: never merge automatically; default a quarter of the split size, and at most
+    /// half of it).
+    #[arg(long, value_name = "BYTES")]
+    pub merge_size: Option<u64>,
+    /// Seconds a pair of shards must stay small and cool before it is merged (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub merge_delay: Option<u64>,
     /// Seconds without a report after which a node counts as dead and its replicas are re-created
     /// elsewhere.
     #[arg(long, value_name = "SECS")]
@@ -116,6 +124,8 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub split_size: Option<u64>,
     pub split_load: Option<u64>,
+    pub merge_size: Option<u64>,
+    pub merge_delay: Option<u64>,
     pub dead_node_timeout: Option<u64>,
     pub rebalance: Option<bool>,
     pub hibernate_idle_groups: Option<bool>,
@@ -308,9 +318,28 @@ impl NodeConfig {
                 reason: "must be at least 1 second".into(),
             });
         }
+        let split_bytes = flags.split_size.or(file.split_size).unwrap_or(defaults.split_bytes);
+        let merge_bytes = flags.merge_size.or(file.merge_size).unwrap_or(split_bytes / 4);
+        if merge_bytes > 0 && (split_bytes == 0 || merge_bytes > split_bytes / 2) {
+            return Err(ConfigError::Invalid {
+                field: "merge-size",
+                reason: format!(
+                    "{merge_bytes} bytes is more than half the split size ({split_bytes}): merged shards \
+                     would be split again"
+                ),
+            });
+        }
+        let merge_delay = Duration::from_secs(
+            flags
+                .merge_delay
+                .or(file.merge_delay)
+                .unwrap_or(defaults.merge_delay.as_secs()),
+        );
         let placement = PlacementConfig {
-            split_bytes: flags.split_size.or(file.split_size).unwrap_or(defaults.split_bytes),
+            split_bytes,
             split_qps: flags.split_load.or(file.split_load).unwrap_or(defaults.split_qps),
+            merge_bytes,
+            merge_delay,
             dead_after: Duration::from_secs(dead_secs),
             rebalance: !flags.no_rebalance && file.rebalance.unwrap_or(true),
             ..defaults
@@ -385,6 +414,18 @@ mod tests {
         ]))
         .unwrap();
         assert!(c.hibernate_idle_groups, "the flag wins over the file");
+    }
+
+    #[test]
+    fn the_merge_size_follows_the_split_size_and_stays_under_half_of_it() {
+        let c = NodeConfig::resolve(flags(&["--split-size", "1000"])).unwrap();
+        assert_eq!(c.placement.merge_bytes, 250);
+        let c = NodeConfig::resolve(flags(&["--split-size", "1000", "--merge-size", "0"])).unwrap();
+        assert_eq!(c.placement.merge_bytes, 0);
+        let e = NodeConfig::resolve(flags(&["--split-size", "1000", "--merge-size", "600"])).unwrap_err();
+        assert!(e.to_string().contains("half the split size"), "{e}");
+        let c = NodeConfig::resolve(flags(&["--merge-delay", "5"])).unwrap();
+        assert_eq!(c.placement.merge_delay, Duration::from_secs(5));
     }
 
     #[test]

@@ -13,9 +13,23 @@
 //!    fewest replicas.
 //! 3. **Split** a shard whose leader reports more than [`PlacementConfig::split_bytes`] of data,
 //!    or more than [`PlacementConfig::split_qps`] requests per second in two reports running.
+//!    **Merge** two adjacent shards of a range keyspace that together hold less than
+//!    [`PlacementConfig::merge_bytes`] and serve less than half the split load, once the pair has
+//!    stayed so for [`PlacementConfig::merge_delay`] (see "Merges" below).
 //! 4. **Rebalance replicas**: while the live members' replica counts differ by 2 or more, move one
 //!    replica from the fullest node to the emptiest (a node that joined gets its share this way).
 //! 5. **Balance leaders** the same way, by leadership transfers.
+//!
+//! Merges, and why they are conservative: a merge freezes the right shard's writes for its
+//! duration, so merging and re-splitting the same range would be pure churn. Hysteresis keeps
+//! them apart: the merged shard holds at most `merge_bytes`, which the configuration keeps at or
+//! below half the split size, and at most half the split load; and a pair must stay small and cool
+//! for `merge_delay`, so a split's two halves are not merged back while the load that split them
+//! is still ramping. Hash keyspaces are never merged automatically: their shard count is the
+//! user's choice (`keyspace create --shards N`), and `basaltctl shard merge` still merges them by
+//! hand. Shards in a merge (marked, or the target of a mark) are neither moved nor re-replicated
+//! until it ends: `merge::resume_merges` finishes or undoes it within a round or two, and a
+//! membership change of a frozen shard would race its export.
 //!
 //! Why so few steps per round: steps compete for the same shards (a split of a shard being
 //! moved, a rebalance that undoes a repair), and a round is short, so "most urgent first, then
@@ -76,6 +90,12 @@ pub struct PlacementConfig {
     pub split_qps: u64,
     /// A member that has not reported for this long is dead: its replicas are re-created.
     pub dead_after: Duration,
+    /// Merge adjacent range shards holding less than this many bytes together; 0 disables.
+    /// At most half of `split_bytes` (checked by the configuration), so a merge never makes a
+    /// shard that the next round splits again.
+    pub merge_bytes: u64,
+    /// How long a pair must stay mergeable before it is merged.
+    pub merge_delay: Duration,
     /// Move replicas and leaders to even out the nodes.
     pub rebalance: bool,
 }
@@ -86,6 +106,8 @@ impl Default for PlacementConfig {
             interval: Duration::from_secs(1),
             split_bytes: 64 << 20,
             split_qps: 2_000,
+            merge_bytes: 16 << 20,
+            merge_delay: Duration::from_secs(60),
             dead_after: Duration::from_secs(60),
             rebalance: true,
         }
@@ -100,6 +122,8 @@ struct DriverState {
     reports: HashMap<u64, NodeReportResponse>,
     /// Shard → reports in a row over the load threshold.
     hot: HashMap<u64, u32>,
+    /// (left, right) → since when the adjacent pair has been small and cool enough to merge.
+    mergeable_since: HashMap<(u64, u64), Instant>,
     steps: VecDeque<PlacementStep>,
 }
 
@@ -128,6 +152,12 @@ enum Step {
         shard: u64,
         why: String,
     },
+    /// Merge `right` into its left neighbour `shard`.
+    Merge {
+        shard: u64,
+        right: u64,
+        why: String,
+    },
     TransferLeader {
         shard: u64,
         from: u64,
@@ -142,6 +172,7 @@ impl Step {
             Step::Move { shard, .. }
             | Step::Abort { shard, .. }
             | Step::Split { shard, .. }
+            | Step::Merge { shard, .. }
             | Step::TransferLeader { shard, .. } => *shard,
         }
     }
@@ -196,6 +227,7 @@ impl Driver {
                 st.leading_since = Some(now);
                 st.last_seen = members.keys().map(|id| (*id, now)).collect();
                 st.hot.clear();
+                st.mergeable_since.clear();
                 tracing::info!("placement driver started on this node");
             }
         }
@@ -262,6 +294,7 @@ impl Driver {
             Step::Move { shard, m, .. } => ("move", *shard, m.from, m.to),
             Step::Abort { shard, m, .. } => ("abandon-move", *shard, m.from, m.to),
             Step::Split { shard, .. } => ("split", *shard, 0, 0),
+            Step::Merge { shard, right, .. } => ("merge", *shard, *right, *shard),
             Step::TransferLeader { shard, from, to, .. } => ("leader-transfer", *shard, *from, *to),
         };
         let mut st = self.state.lock();
@@ -293,7 +326,9 @@ impl Driver {
 
     async fn execute(&self, step: Step) {
         let why = match &step {
-            Step::Move { why, .. } | Step::Abort { why, .. } | Step::Split { why, .. } => why.clone(),
+            Step::Move { why, .. } | Step::Abort { why, .. } | Step::Split { why, .. } | Step::Merge { why, .. } => {
+                why.clone()
+            }
             Step::TransferLeader { why, .. } => why.clone(),
         };
         self.record(&step, "running", why.clone());
@@ -317,6 +352,10 @@ impl Driver {
                 .await
                 .map_err(|e| e.to_string()),
             Step::Split { shard, .. } => self.split(*shard).await,
+            Step::Merge { shard, right, .. } => crate::merge::merge_shard(&self.placement, *shard, Some(*right))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             Step::TransferLeader { shard, from, to, .. } => self.transfer_leader(*shard, *from, *to).await,
         };
         match result {
@@ -485,6 +524,9 @@ fn plan(
         let Some(lost) = d.replicas.iter().copied().find(|r| !is_live(r)) else {
             continue;
         };
+        if cat.in_merge(d.id) {
+            continue; // The merge ends first (see the module docs).
+        }
         let Some(to) = emptiest_target(d, &counts) else {
             continue; // Nowhere to go: as many replicas as live nodes already.
         };
@@ -521,7 +563,7 @@ fn plan(
     st.hot = hot_now;
     for d in &data {
         let Some((_, load)) = leaders.get(&d.id) else { continue };
-        if load.epoch != d.shard.epoch {
+        if load.epoch != d.shard.epoch || cat.in_merge(d.id) {
             continue; // The catalog has not caught up with a split of this shard yet.
         }
         let why = if cfg.split_bytes > 0 && load.approximate_bytes > cfg.split_bytes {
@@ -544,9 +586,20 @@ fn plan(
         steps.push(Step::Split { shard: d.id, why });
         break;
     }
-    // Splits never wait for balancing or the reverse (under a steady load some shard is always
-    // due a split), so one of each may run in a round, on different shards.
-    let splitting: Vec<u64> = steps.iter().map(Step::shard).collect();
+    if steps.is_empty() {
+        steps.extend(plan_merge(cat, &leaders, &mut st.mergeable_since, cfg));
+    } else {
+        st.mergeable_since.clear();
+    }
+    // Splits and merges never wait for balancing or the reverse (under a steady load some shard
+    // is always due a split), so one of each may run in a round, on different shards.
+    let splitting: Vec<u64> = steps
+        .iter()
+        .flat_map(|s| match s {
+            Step::Merge { shard, right, .. } => vec![*shard, *right],
+            other => vec![other.shard()],
+        })
+        .collect();
     if !cfg.rebalance || live.len() < 2 {
         return steps;
     }
@@ -558,7 +611,11 @@ fn plan(
     ) {
         if most >= least + 2 {
             if let Some(d) = data.iter().find(|d| {
-                d.moving.is_none() && d.replicas.contains(&full) && !d.names(empty) && !splitting.contains(&d.id)
+                d.moving.is_none()
+                    && d.replicas.contains(&full)
+                    && !d.names(empty)
+                    && !splitting.contains(&d.id)
+                    && !cat.in_merge(d.id)
             }) {
                 steps.push(Step::Move {
                     shard: d.id,
@@ -592,9 +649,9 @@ fn plan(
     if !settled || busy_shards.len() <= even_share || busy_shards.len() < idle_shards.len() + 2 {
         return steps;
     }
-    let busy_now: Vec<u64> = steps.iter().map(Step::shard).collect();
     let candidate = busy_shards.iter().find(|s| {
-        !busy_now.contains(s)
+        !splitting.contains(s)
+            && !cat.in_merge(**s)
             && cat
                 .shards
                 .get(s)
@@ -613,6 +670,66 @@ fn plan(
         });
     }
     steps
+}
+
+/// At most one merge: the first adjacent pair of a range keyspace that has been small and cool
+/// for `merge_delay` (see the module docs). Tracks the candidate pairs in `mergeable_since`.
+fn plan_merge(
+    cat: &Catalog,
+    leaders: &BTreeMap<u64, (u64, &basalt_proto::v1::ShardLoad)>,
+    mergeable_since: &mut HashMap<(u64, u64), Instant>,
+    cfg: &PlacementConfig,
+) -> Option<Step> {
+    if cfg.merge_bytes == 0 {
+        mergeable_since.clear();
+        return None;
+    }
+    // A pair is judged only on current reports from both leaders, at the catalog's epochs.
+    let load_of = |d: &ShardDesc| leaders.get(&d.id).map(|(_, l)| *l).filter(|l| l.epoch == d.shard.epoch);
+    let cool_qps = if cfg.split_qps > 0 {
+        cfg.split_qps as f64 / 2.0
+    } else {
+        f64::INFINITY
+    };
+    let mut candidates = Vec::new();
+    for ks in cat.keyspaces.values().filter(|k| !k.hashed) {
+        for pair in cat.shards_of(ks.id).windows(2) {
+            let (l, r) = (pair[0], pair[1]);
+            let free = |d: &ShardDesc| d.moving.is_none() && !cat.in_merge(d.id) && d.id != META_GROUP;
+            if !free(l) || !free(r) || l.shard.end != r.shard.start {
+                continue;
+            }
+            let (Some(ll), Some(rl)) = (load_of(l), load_of(r)) else {
+                continue;
+            };
+            let bytes = ll.approximate_bytes.saturating_add(rl.approximate_bytes);
+            let qps = ll.requests_per_second + rl.requests_per_second;
+            if bytes < cfg.merge_bytes && qps < cool_qps {
+                candidates.push((l.id, r.id, bytes, qps));
+            }
+        }
+    }
+    let now = Instant::now();
+    let since: HashMap<(u64, u64), Instant> = candidates
+        .iter()
+        .map(|(l, r, ..)| {
+            let t = mergeable_since.get(&(*l, *r)).copied().unwrap_or(now);
+            ((*l, *r), t)
+        })
+        .collect();
+    *mergeable_since = since;
+    let (l, r, bytes, qps) = candidates
+        .into_iter()
+        .find(|(l, r, ..)| mergeable_since[&(*l, *r)].elapsed() >= cfg.merge_delay)?;
+    mergeable_since.remove(&(l, r));
+    Some(Step::Merge {
+        shard: l,
+        right: r,
+        why: format!(
+            "together {bytes} bytes and {qps:.0} requests/s, under the merge size {} for {:?}",
+            cfg.merge_bytes, cfg.merge_delay
+        ),
+    })
 }
 
 /// How many hash values a hash shard covers (a shard of one value cannot split).
@@ -683,6 +800,140 @@ mod tests {
             leading_since: Some(Instant::now() - LEADER_BALANCE_GRACE * 2),
             ..Default::default()
         }
+    }
+
+    /// Shards 10.. of keyspace 9 (`hashed` as given), adjacent: shard i ends where i + 1 starts.
+    fn adjacent(count: u64, hashed: bool) -> Catalog {
+        let bound = |i: u64| {
+            let mut b = vec![0, 0, 0, 9];
+            b.extend_from_slice(&i.to_be_bytes());
+            b
+        };
+        let shards = (0..count)
+            .map(|i| {
+                let mut d = shard(10 + i, &[1, 2, 3]);
+                d.shard.start = bound(i);
+                d.shard.end = bound(i + 1);
+                d.shard.hashed = hashed;
+                d
+            })
+            .collect();
+        let mut cat = catalog(shards);
+        cat.keyspaces.insert(
+            "ks".into(),
+            crate::catalog::KeyspaceDesc {
+                name: "ks".into(),
+                id: 9,
+                hashed,
+                replicas: 3,
+                initial_shards: 1,
+            },
+        );
+        cat
+    }
+
+    fn merge_cfg(delay: Duration) -> PlacementConfig {
+        PlacementConfig {
+            split_bytes: 1000,
+            split_qps: 100,
+            merge_bytes: 250,
+            merge_delay: delay,
+            rebalance: false,
+            ..Default::default()
+        }
+    }
+
+    fn merges(steps: &[Step]) -> Vec<(u64, u64)> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Merge { shard, right, .. } => Some((*shard, *right)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn small_cool_neighbours_merge_once_they_stay_so_for_the_delay() {
+        let cat = adjacent(3, false);
+        let nodes = members(&[1, 2, 3]);
+        let mut st = settled_state();
+        // 10+11 are too big together, 11+12 are small, but 12 is busy.
+        st.reports
+            .insert(1, report(1, &[(10, 200, 0.0), (11, 100, 1.0), (12, 100, 60.0)]));
+        assert!(plan(&cat, &nodes, &[1, 2, 3], &mut st, &merge_cfg(Duration::ZERO)).is_empty());
+        // Once 12 cools down, 11+12 qualify; with a delay, not at first sight.
+        st.reports
+            .insert(1, report(1, &[(10, 200, 0.0), (11, 100, 1.0), (12, 100, 10.0)]));
+        let cfg = merge_cfg(Duration::from_millis(200));
+        assert!(plan(&cat, &nodes, &[1, 2, 3], &mut st, &cfg).is_empty());
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(merges(&plan(&cat, &nodes, &[1, 2, 3], &mut st, &cfg)), vec![(11, 12)]);
+        // A pair that stops qualifying starts its delay over.
+        let mut st = settled_state();
+        st.reports.insert(1, report(1, &[(10, 100, 0.0), (11, 100, 0.0)]));
+        let cat = adjacent(2, false);
+        assert!(plan(&cat, &nodes, &[1, 2, 3], &mut st, &cfg).is_empty());
+        st.reports.insert(1, report(1, &[(10, 100, 0.0), (11, 500, 0.0)]));
+        assert!(plan(&cat, &nodes, &[1, 2, 3], &mut st, &cfg).is_empty());
+        std::thread::sleep(Duration::from_millis(250));
+        st.reports.insert(1, report(1, &[(10, 100, 0.0), (11, 100, 0.0)]));
+        assert!(
+            plan(&cat, &nodes, &[1, 2, 3], &mut st, &cfg).is_empty(),
+            "the delay restarted"
+        );
+    }
+
+    #[test]
+    fn no_automatic_merge_of_hash_shards_moving_shards_or_on_stale_reports() {
+        let nodes = members(&[1, 2, 3]);
+        let cfg = merge_cfg(Duration::ZERO);
+        let small = report(1, &[(10, 10, 0.0), (11, 10, 0.0)]);
+        let mut st = settled_state();
+        st.reports.insert(1, small.clone());
+        assert!(plan(&adjacent(2, true), &nodes, &[1, 2, 3], &mut st, &cfg).is_empty());
+        // A move under way is finished first, and its shard is not merged meanwhile.
+        let mut cat = adjacent(2, false);
+        cat.shards.get_mut(&11).expect("shard 11").moving = Some(ReplicaMove { from: 3, to: 1 });
+        let steps = plan(&cat, &nodes, &[1, 2, 3], &mut st, &cfg);
+        assert!(matches!(steps.as_slice(), [Step::Move { shard: 11, .. }]), "{steps:?}");
+        // A report from an older epoch of a shard says nothing about it now.
+        let mut stale = small.clone();
+        stale.shards[1].epoch = 0;
+        st.reports.insert(1, stale);
+        assert!(plan(&adjacent(2, false), &nodes, &[1, 2, 3], &mut st, &cfg).is_empty());
+        // Disabled with merge_bytes = 0.
+        st.reports.insert(1, small);
+        let off = PlacementConfig {
+            merge_bytes: 0,
+            ..cfg.clone()
+        };
+        assert!(plan(&adjacent(2, false), &nodes, &[1, 2, 3], &mut st, &off).is_empty());
+        assert_eq!(
+            merges(&plan(&adjacent(2, false), &nodes, &[1, 2, 3], &mut st, &cfg)),
+            vec![(10, 11)]
+        );
+    }
+
+    #[test]
+    fn shards_in_a_merge_are_neither_re_replicated_nor_rebalanced() {
+        let mut cat = adjacent(2, false);
+        cat.shards.get_mut(&11).expect("shard 11").merge = Some(crate::catalog::MergeMark {
+            into: 10,
+            left_epoch: 1,
+            right_epoch: 1,
+        });
+        assert!(cat.in_merge(10) && cat.in_merge(11));
+        let mut st = settled_state();
+        // Node 3 is dead: both of its replicas wait for the merge to end.
+        let steps = plan(
+            &cat,
+            &members(&[1, 2, 3, 4]),
+            &[1, 2, 4],
+            &mut st,
+            &PlacementConfig::default(),
+        );
+        assert!(steps.is_empty(), "{steps:?}");
     }
 
     #[test]

@@ -37,6 +37,9 @@
 //!   tick tries again.
 //! * **One merge per shard at a time**: a shard already marked, or the target of a mark, is not
 //!   marked again; on one node, merges are driven one at a time ([`Placement::merge_lock`]).
+//! * **Merges and replica moves exclude each other**: a shard with a move recorded is not marked,
+//!   and a shard in a merge is not moved (`Placement::begin_move`, and the driver skips it), since
+//!   the merge's export and claim steps read the replica sets the catalog named at the mark.
 //! * **A leftover replica is stale only when the catalog proves it**: absent from the catalog,
 //!   and every catalog shard covering its range has a newer epoch. A group born from a split that
 //!   the catalog has not recorded yet has an epoch at least its parent's, so it is kept.
@@ -607,6 +610,12 @@ fn check_mergeable(view: &Catalog, left: &ShardDesc, right: &ShardDesc) -> Resul
         return Err(PlacementError::Invalid(format!(
             "shard {} does not follow shard {} in its keyspace",
             right.id, left.id
+        )));
+    }
+    if let Some((d, m)) = [left, right].iter().find_map(|d| d.moving.map(|m| (d, m))) {
+        return Err(PlacementError::Conflict(format!(
+            "shard {} is moving a replica from node {} to node {}; merge once the move has finished",
+            d.id, m.from, m.to
         )));
     }
     if left.merge.is_some() {

@@ -387,6 +387,11 @@ impl Placement {
                 }
                 None => {}
             }
+            if view.in_merge(shard) {
+                return Err(PlacementError::Conflict(format!(
+                    "shard {shard} is being merged; move it once the merge has finished"
+                )));
+            }
             if !d.replicas.contains(&from) {
                 return Err(PlacementError::Invalid(format!(
                     "node {from} holds no replica of shard {shard} (its replicas: {:?})",
@@ -397,6 +402,15 @@ impl Placement {
                 return Err(PlacementError::Invalid(format!(
                     "node {to} already holds a replica of shard {shard}"
                 )));
+            }
+            // A merge marks the right neighbour, naming this shard: the move holds only while
+            // that neighbour is unmarked.
+            if let Some(right) = view
+                .shards
+                .values()
+                .find(|r| r.shard.keyspace == d.shard.keyspace && r.shard.start == d.shard.end)
+            {
+                txn.guard_shard(right.id);
             }
             let mut d = d.clone();
             d.moving = Some(want);

@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 use crate::history::{History, HistoryError};
 use crate::netns::{Namespaces, NetnsError};
 use crate::sim::nemesis::Split;
-use crate::workload::{client_process, read_all, Judgement, Recorder};
+use crate::workload::{client_process, read_all, Judgement, Mix, Recorder};
 
 /// The faults the nemesis may inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +164,7 @@ async fn run_in_runtime(cfg: &JepsenConfig, namespaces: Option<Arc<Namespaces>>)
     for process in 0..cfg.clients as u64 {
         let (client, recorder, keys) = (client.clone(), recorder.clone(), keys.clone());
         let seed = cfg.seed.wrapping_add(process.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        workers.spawn(async move { client_process(process, client, &recorder, &keys, seed, until).await });
+        workers.spawn(async move { client_process(process, Mix::Mixed, client, &recorder, &keys, seed, until).await });
     }
     let faults = nemesis(&cluster, namespaces.as_deref(), cfg, start, deadline).await?;
     while let Some(r) = workers.join_next().await {

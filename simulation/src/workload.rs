@@ -94,16 +94,39 @@ pub async fn read_all(reader: &Client, keys: &[String]) -> Result<State, (String
     Ok(state)
 }
 
-/// One sequential client process: 50 % reads, 30 % writes, 20 % compare-and-swaps (every fourth
-/// process reads 90 % of the time: read-heavy clients are common, and a client that rarely writes
-/// keeps talking to a deposed leader long enough for a stale read to show), until the recorder's
-/// clock passes `until` (nanoseconds) or its operation budget is spent.
-pub async fn client_process(process: u64, client: Client, recorder: &Recorder, keys: &[String], seed: u64, until: u64) {
+/// What one client process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    /// 50 % reads, 30 % writes, 20 % compare-and-swaps; every fourth process reads 90 % of the
+    /// time instead (read-heavy clients are common).
+    Mixed,
+    /// Reads only, like a dashboard or a cache filler. Its reads keep succeeding wherever they
+    /// are served, so nothing moves it off a node it once reached: a deposed leader that serves
+    /// reads it should refuse keeps answering it for as long as the partition lasts, which is
+    /// what makes a stale read observable once the new leader has accepted writes.
+    ReadOnly,
+}
+
+/// One sequential client process doing `mix`, until the recorder's clock passes `until`
+/// (nanoseconds) or its operation budget is spent.
+pub async fn client_process(
+    process: u64,
+    mix: Mix,
+    client: Client,
+    recorder: &Recorder,
+    keys: &[String],
+    seed: u64,
+    until: u64,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
     // The last value this process saw per key, so its CAS operations have a fair chance to win.
     let mut seen: State = BTreeMap::new();
     let mut n = 0u64;
-    let (read_below, write_below) = if process % 4 == 3 { (9, 10) } else { (5, 8) };
+    let (read_below, write_below) = match mix {
+        Mix::ReadOnly => (10, 10),
+        Mix::Mixed if process % 4 == 3 => (9, 10),
+        Mix::Mixed => (5, 8),
+    };
     while recorder.now() < until && recorder.budget_left() {
         let key = keys[rng.random_range(0..keys.len())].clone();
         let roll: u8 = rng.random_range(0..10);

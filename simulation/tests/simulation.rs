@@ -55,7 +55,10 @@ fn different_seeds_give_different_runs() {
 }
 
 /// Runs `seed` with partitions only, with and without `bug`: the bug must be caught and the
-/// control run must pass.
+/// control run must pass. One read-only client rides along: the routing cache moves a client that
+/// writes off a deposed leader within one attempt timeout, before a new leader can accept a
+/// write, so only a client that never writes keeps reading from the deposed leader (as a
+/// dashboard would), which is when a stale read becomes observable.
 fn planted_bug_is_caught(bug: &str, seed: &str) {
     let base = [
         "run",
@@ -65,6 +68,8 @@ fn planted_bug_is_caught(bug: &str, seed: &str) {
         "10s",
         "--faults",
         "partition",
+        "--readers",
+        "1",
         "--quiet",
     ];
     let (code, out) = basalt_sim(&base);
@@ -80,8 +85,8 @@ fn planted_bug_is_caught(bug: &str, seed: &str) {
 
 #[test]
 fn a_stale_read_by_a_deposed_leader_is_caught() {
-    // Seed 7 caught it while the data lived in the meta group; with the default keyspace in a
-    // group of its own the schedules shifted, and seed 1 (of 1..=13) is the one that catches it.
+    // With the read-only client every seed of 1..=12 catches it; before it, the client library's
+    // routing cache had made the bug invisible on all of them.
     planted_bug_is_caught("stale-read", "1");
 }
 
@@ -93,7 +98,17 @@ fn a_write_acknowledged_before_a_quorum_has_it_is_caught() {
 #[test]
 fn the_ci_sample_of_seeds_passes_with_every_fault_on() {
     let seeds = std::env::var("BASALT_SIM_SEEDS").unwrap_or_else(|_| "1..17".to_string());
-    let (code, out) = basalt_sim(&["sweep", "--seeds", &seeds, "--duration", "10s", "--faults", "all"]);
+    let (code, out) = basalt_sim(&[
+        "sweep",
+        "--seeds",
+        &seeds,
+        "--duration",
+        "10s",
+        "--faults",
+        "all",
+        "--readers",
+        "1",
+    ]);
     assert_eq!(code, 0, "failing seeds (each with its replay command):\n{out}");
 }
 

@@ -60,6 +60,10 @@ struct SimArgs {
     /// Concurrent client processes.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Client processes that only read, beside `--clients` (they stay on whichever node serves
+    /// them, so they see what a deposed leader answers).
+    #[arg(long, default_value_t = 0)]
+    readers: usize,
     /// Distinct keys the clients share.
     #[arg(long, default_value_t = 3)]
     keys: usize,
@@ -82,6 +86,7 @@ impl SimArgs {
         let mut c = SimConfig::new(seed);
         c.nodes = self.nodes;
         c.clients = self.clients;
+        c.readers = self.readers;
         c.keys = self.keys;
         c.duration = self.duration;
         c.max_ops = self.ops.unwrap_or(u64::MAX);
@@ -95,6 +100,7 @@ impl SimArgs {
         let mut v = vec![
             format!("--nodes={}", self.nodes),
             format!("--clients={}", self.clients),
+            format!("--readers={}", self.readers),
             format!("--keys={}", self.keys),
             format!("--duration={}ms", self.duration.as_millis()),
             format!("--faults={}", self.faults),
@@ -364,10 +370,11 @@ fn run_command(a: RunArgs) -> Result<bool, String> {
     }
     if !a.quiet {
         println!(
-            "basalt-sim run: seed {}, {} nodes, {} clients, {} keys, workload {:?}, faults {}{}",
+            "basalt-sim run: seed {}, {} nodes, {} clients, {} readers, {} keys, workload {:?}, faults {}{}",
             a.seed,
             cfg.nodes,
             cfg.clients,
+            cfg.readers,
             cfg.keys,
             cfg.duration,
             cfg.faults,

@@ -42,7 +42,7 @@ use parking_lot::Mutex;
 
 use self::nemesis::{Fault, Faults, Schedule};
 use crate::history::{Fnv1a, History, HistoryError};
-use crate::workload::{client_process, read_all, Judgement, Recorder, State};
+use crate::workload::{client_process, read_all, Judgement, Mix, Recorder, State};
 
 /// The port every simulated node listens on.
 const PORT: u16 = 7379;
@@ -59,6 +59,8 @@ pub struct SimConfig {
     pub seed: u64,
     pub nodes: usize,
     pub clients: usize,
+    /// Client processes that only read, beside `clients` (see [`Mix::ReadOnly`]).
+    pub readers: usize,
     /// Distinct keys the clients share (few, so operations conflict).
     pub keys: usize,
     /// Simulated time the workload runs.
@@ -77,6 +79,7 @@ impl SimConfig {
             seed,
             nodes: 3,
             clients: 4,
+            readers: 0,
             keys: 3,
             duration: Duration::from_secs(20),
             max_ops: u64::MAX,
@@ -271,12 +274,17 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
     let recorder = Arc::new(Recorder::new(sim_now, cfg.max_ops));
     let keys: Arc<Vec<String>> = Arc::new((0..cfg.keys).map(|k| format!("k{k}")).collect());
     let until = nanos(cfg.duration);
-    for process in 0..cfg.clients as u64 {
+    for process in 0..(cfg.clients + cfg.readers) as u64 {
+        let mix = if process < cfg.clients as u64 {
+            Mix::Mixed
+        } else {
+            Mix::ReadOnly
+        };
         let (recorder, keys, endpoints) = (recorder.clone(), keys.clone(), endpoints.clone());
         let seed = cfg.seed.wrapping_add((process + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         sim.client(format!("c{process}"), async move {
             let client = Client::connect_with(client_config(endpoints), net::dialer()).await?;
-            client_process(process, client, &recorder, &keys, seed, until).await;
+            client_process(process, mix, client, &recorder, &keys, seed, until).await;
             Ok(())
         });
     }
