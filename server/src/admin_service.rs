@@ -838,6 +838,7 @@ impl Admin for AdminService {
                 } else {
                     ShardSize::default()
                 };
+                let shard = reader.shard();
                 ShardLoad {
                     shard_id: g.group_id(),
                     leader,
@@ -845,7 +846,10 @@ impl Admin for AdminService {
                     approximate_bytes: size.bytes,
                     approximate_keys: size.keys,
                     requests_per_second: rates.get(&g.group_id()).copied().unwrap_or(0.0),
-                    epoch: reader.shard().epoch,
+                    epoch: shard.epoch,
+                    keyspace_id: shard.keyspace,
+                    start: shard.start.into(),
+                    end: shard.end.into(),
                 }
             })
             .collect();

@@ -29,6 +29,8 @@ use basalt_proto::v1::{Keyspace as PbKeyspace, Replica, Shard as PbShard, Shardi
 use basalt_storage::{Command, Compare, ShardState, TxnOp, WriteRequest, MAX_SCAN_LIMIT};
 use serde::{Deserialize, Serialize};
 
+use crate::node::DEFAULT_GROUP;
+
 /// The meta group's id. Data groups are numbered after it.
 pub const META_GROUP: u64 = 1;
 
@@ -260,7 +262,11 @@ impl Catalog {
 
     /// Whether a keyspace with this id existed and was dropped (ids are never reused).
     pub fn dropped(&self, keyspace: u32) -> bool {
-        keyspace != SYSTEM_KEYSPACE && keyspace <= self.last_keyspace_id && self.keyspace_by_id(keyspace).is_none()
+        // The default keyspace cannot be dropped; before it is recorded it is merely missing.
+        keyspace != SYSTEM_KEYSPACE
+            && keyspace != DEFAULT_KEYSPACE
+            && keyspace <= self.last_keyspace_id
+            && self.keyspace_by_id(keyspace).is_none()
     }
 
     /// Starts a transaction over this view.
@@ -303,17 +309,20 @@ impl CatalogTxn<'_> {
     }
 
     pub fn new_group_id(&mut self) -> u64 {
-        // The meta group is 1, so data groups start at 2 even on an empty catalog.
-        self.next_group = self.next_group.max(META_GROUP) + 1;
+        // The meta group is 1 and the default keyspace's first shard is 2, formed by the founders
+        // at bootstrap before the catalog records it (`Placement::ensure_default_keyspace`): a
+        // keyspace created before that record must not be given group 2 too.
+        self.next_group = self.next_group.max(DEFAULT_GROUP) + 1;
         let id = self.next_group;
         self.put(SEQ_GROUP.to_vec(), id.to_be_bytes().to_vec());
         id
     }
 
     pub fn new_keyspace_id(&mut self) -> u32 {
-        // Keyspace 0 is the system keyspace and never allocated; 1 is the default one, created
-        // first; user keyspaces follow it.
-        self.next_keyspace += 1;
+        // Keyspace 0 is the system keyspace and 1 the default one, recorded with its fixed id
+        // whenever the reconciler gets to it (`Placement::ensure_default_keyspace`); user
+        // keyspaces start at 2 even if they are created first.
+        self.next_keyspace = self.next_keyspace.max(DEFAULT_KEYSPACE) + 1;
         let id = self.next_keyspace;
         self.put(SEQ_KEYSPACE.to_vec(), id.to_be_bytes().to_vec());
         id
@@ -385,9 +394,10 @@ mod tests {
     fn a_txn_compares_every_key_it_writes_against_its_view() {
         let cat = Catalog::default();
         let mut t = cat.txn();
-        let g = t.new_group_id();
-        assert_eq!(g, 2);
+        // Groups 1 and 2 (meta, default keyspace) and keyspaces 0 and 1 are never allocated.
         assert_eq!(t.new_group_id(), 3);
+        assert_eq!(t.new_group_id(), 4);
+        assert_eq!(t.new_keyspace_id(), 2);
         t.put_keyspace(&default_keyspace(3));
         let WriteRequest {
             command: Command::Txn { compares, ops },
@@ -397,9 +407,10 @@ mod tests {
             panic!("not a txn");
         };
         // seq/group is compared once (against its absence), even though written twice.
-        assert_eq!(compares.len(), 2);
+        assert_eq!(compares.len(), 3);
         assert!(compares.iter().all(|c| c.expected.is_none()));
-        assert_eq!(ops.len(), 3);
+        assert_eq!(ops.len(), 4);
+        assert!(!cat.dropped(DEFAULT_KEYSPACE), "the default keyspace is never dropped");
     }
 
     #[test]

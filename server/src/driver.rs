@@ -46,7 +46,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use basalt_consensus::raft::network::PeerClients;
 use basalt_consensus::{Replication, Role};
@@ -58,6 +60,8 @@ use basalt_proto::v1::{
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tonic::Request;
+
+use basalt_storage::ShardState;
 
 use crate::catalog::{Catalog, ReplicaMove, ShardDesc, META_GROUP};
 use crate::forward::Forwarder;
@@ -79,6 +83,10 @@ pub const PLACEMENT_STEP_TIMEOUT: Duration = Duration::from_secs(75);
 const LEADER_BALANCE_GRACE: Duration = Duration::from_secs(10);
 /// Reports in a row over the load threshold before a shard is split for load.
 const HOT_REPORTS: u32 = 2;
+/// How long a live node may report no replica of a shard the catalog places on it before the
+/// replica is re-created elsewhere. Long enough for a split's child to be opened everywhere (its
+/// replicas open it as they apply the split) and for a newcomer's reconciler to open its replica.
+const MISSING_GRACE: Duration = Duration::from_secs(5);
 
 /// The driver's knobs (flags of `basaltd`; see `config.rs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,6 +132,9 @@ struct DriverState {
     hot: HashMap<u64, u32>,
     /// (left, right) → since when the adjacent pair has been small and cool enough to merge.
     mergeable_since: HashMap<(u64, u64), Instant>,
+    /// (shard, node) → since when a live node the catalog names as a replica of the shard has
+    /// reported holding none.
+    missing_since: HashMap<(u64, u64), Instant>,
     steps: VecDeque<PlacementStep>,
 }
 
@@ -152,6 +163,15 @@ enum Step {
         shard: u64,
         why: String,
     },
+    /// Record in the catalog a split that shard `shard` applied but the catalog missed (its
+    /// driver died or timed out between the split and the record).
+    RecordSplit {
+        shard: u64,
+        child: u64,
+        left: ShardState,
+        right: ShardState,
+        why: String,
+    },
     /// Merge `right` into its left neighbour `shard`.
     Merge {
         shard: u64,
@@ -172,6 +192,7 @@ impl Step {
             Step::Move { shard, .. }
             | Step::Abort { shard, .. }
             | Step::Split { shard, .. }
+            | Step::RecordSplit { shard, .. }
             | Step::Merge { shard, .. }
             | Step::TransferLeader { shard, .. } => *shard,
         }
@@ -228,6 +249,7 @@ impl Driver {
                 st.last_seen = members.keys().map(|id| (*id, now)).collect();
                 st.hot.clear();
                 st.mergeable_since.clear();
+                st.missing_since.clear();
                 tracing::info!("placement driver started on this node");
             }
         }
@@ -295,6 +317,7 @@ impl Driver {
             Step::Abort { shard, m, .. } => ("abandon-move", *shard, m.from, m.to),
             Step::Split { shard, .. } => ("split", *shard, 0, 0),
             Step::Merge { shard, right, .. } => ("merge", *shard, *right, *shard),
+            Step::RecordSplit { shard, child, .. } => ("record-split", *shard, 0, *child),
             Step::TransferLeader { shard, from, to, .. } => ("leader-transfer", *shard, *from, *to),
         };
         let mut st = self.state.lock();
@@ -329,7 +352,7 @@ impl Driver {
             Step::Move { why, .. } | Step::Abort { why, .. } | Step::Split { why, .. } | Step::Merge { why, .. } => {
                 why.clone()
             }
-            Step::TransferLeader { why, .. } => why.clone(),
+            Step::TransferLeader { why, .. } | Step::RecordSplit { why, .. } => why.clone(),
         };
         self.record(&step, "running", why.clone());
         tracing::info!(?step, "placement step");
@@ -352,6 +375,17 @@ impl Driver {
                 .await
                 .map_err(|e| e.to_string()),
             Step::Split { shard, .. } => self.split(*shard).await,
+            Step::RecordSplit {
+                shard,
+                child,
+                left,
+                right,
+                ..
+            } => self
+                .placement
+                .record_split(*shard, *child, left.clone(), right.clone())
+                .await
+                .map_err(|e| e.to_string()),
             Step::Merge { shard, right, .. } => crate::merge::merge_shard(&self.placement, *shard, Some(*right))
                 .await
                 .map(|_| ())
@@ -490,6 +524,13 @@ fn plan(
     let data: Vec<&ShardDesc> = cat.shards.values().filter(|d| d.id != META_GROUP).collect();
     let is_live = |n: &u64| live.contains(n);
 
+    // 0. Splits the shards applied but the catalog missed come first: every other step reads
+    // the catalog's ranges, and a move planned on a stale range cannot open its newcomer.
+    let repairs = missed_splits(cat, st);
+    if !repairs.is_empty() {
+        return repairs;
+    }
+
     // 1. Moves under way.
     let mut steps: Vec<Step> = data
         .iter()
@@ -515,13 +556,18 @@ fn plan(
         return steps;
     }
 
-    // 2. Re-replication.
+    // 2. Re-replication, of replicas on dead or removed nodes and of replicas their live node
+    // does not hold (see `missing_replicas`).
+    let missing = missing_replicas(cat, live, st, cfg.interval * 3);
+    tracing::debug!(?missing, pending = ?st.missing_since, "replicas their nodes do not hold");
     let mut counts = replica_counts(cat, live);
     for d in &data {
         if steps.len() == MAX_PARALLEL_STEPS {
             break;
         }
-        let Some(lost) = d.replicas.iter().copied().find(|r| !is_live(r)) else {
+        let lost = d.replicas.iter().copied().find(|r| !is_live(r));
+        let absent = d.replicas.iter().copied().find(|r| missing.contains(&(d.id, *r)));
+        let Some(lost) = lost.or(absent) else {
             continue;
         };
         if cat.in_merge(d.id) {
@@ -531,7 +577,9 @@ fn plan(
             continue; // Nowhere to go: as many replicas as live nodes already.
         };
         *counts.entry(to).or_default() += 1;
-        let why = if members.contains_key(&lost) {
+        let why = if is_live(&lost) {
+            format!("node {lost} has reported no replica of the shard for {MISSING_GRACE:?}")
+        } else if members.contains_key(&lost) {
             format!("node {lost} has not reported for {:?}", cfg.dead_after)
         } else {
             format!("node {lost} was removed from the cluster")
@@ -672,6 +720,88 @@ fn plan(
     steps
 }
 
+/// (shard, node) pairs where a live node the catalog names as a replica has reported holding
+/// no replica of the shard for [`MISSING_GRACE`]. Such a replica is a member of the group that
+/// holds nothing: its node lost the parent before applying the split that would have created it
+/// (a move or a merge retired the parent first), or lost the replica itself. Re-creating it
+/// elsewhere through a move gives the group its replication factor back; the move's removal
+/// step takes the empty member out of the group's configuration. Updates `st.missing_since`.
+/// Only reports received within `fresh` count: an old report says nothing about replicas the
+/// node has opened since.
+fn missing_replicas(cat: &Catalog, live: &[u64], st: &mut DriverState, fresh: Duration) -> Vec<(u64, u64)> {
+    let now = Instant::now();
+    let mut since = HashMap::new();
+    for d in cat.shards.values() {
+        if d.id == META_GROUP || d.moving.is_some() || cat.in_merge(d.id) {
+            continue;
+        }
+        for node in d.replicas.iter().filter(|n| live.contains(n)) {
+            let Some(report) = st.reports.get(node) else { continue };
+            let recent = st.last_seen.get(node).is_some_and(|t| t.elapsed() < fresh);
+            if !recent || report.shards.iter().any(|s| s.shard_id == d.id) {
+                continue;
+            }
+            let first = st.missing_since.get(&(d.id, *node)).copied().unwrap_or(now);
+            since.insert((d.id, *node), first);
+        }
+    }
+    st.missing_since = since;
+    st.missing_since
+        .iter()
+        .filter(|(_, t)| t.elapsed() >= MISSING_GRACE)
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// Splits that shards applied and the catalog does not record. A shard's leader reporting a
+/// newer epoch and a range that is a strict prefix of the catalog's, while some replica reports
+/// an uncatalogued group at the same epoch starting where that prefix ends, split there: the
+/// split gives both halves the same new epoch, and nothing else shrinks a shard from the right
+/// (a merge grows it, a freeze keeps its range). The right half is recorded to the parent's old
+/// end; if the child split again since, its own leader's report repairs that the next round.
+fn missed_splits(cat: &Catalog, st: &DriverState) -> Vec<Step> {
+    use basalt_proto::v1::ShardLoad;
+    let all: Vec<&ShardLoad> = st.reports.values().flat_map(|r| &r.shards).collect();
+    let mut steps = Vec::new();
+    for l in all.iter().filter(|l| l.leader) {
+        let Some(d) = cat.shards.get(&l.shard_id) else { continue };
+        let shrunk = l.start.as_ref() == d.shard.start.as_slice() && l.end.as_ref() < d.shard.end.as_slice();
+        if l.epoch <= d.shard.epoch || !shrunk || cat.in_merge(d.id) || d.id == META_GROUP {
+            continue;
+        }
+        let Some(child) = all.iter().find(|c| {
+            !cat.shards.contains_key(&c.shard_id)
+                && c.keyspace_id == l.keyspace_id
+                && c.epoch == l.epoch
+                && c.start == l.end
+        }) else {
+            continue;
+        };
+        let half = |start: &[u8], end: &[u8]| ShardState {
+            keyspace: d.shard.keyspace,
+            hashed: d.shard.hashed,
+            start: start.to_vec(),
+            end: end.to_vec(),
+            epoch: l.epoch,
+            frozen: false,
+        };
+        steps.push(Step::RecordSplit {
+            shard: d.id,
+            child: child.shard_id,
+            left: half(&l.start, &l.end),
+            right: half(&l.end, &d.shard.end),
+            why: format!(
+                "shard {} applied a split into group {} at epoch {} that the catalog (epoch {}) missed",
+                d.id, child.shard_id, l.epoch, d.shard.epoch
+            ),
+        });
+        if steps.len() == MAX_PARALLEL_STEPS {
+            break;
+        }
+    }
+    steps
+}
+
 /// At most one merge: the first adjacent pair of a range keyspace that has been small and cool
 /// for `merge_delay` (see the module docs). Tracks the candidate pairs in `mergeable_since`.
 fn plan_merge(
@@ -790,6 +920,7 @@ mod tests {
                     approximate_keys: 1,
                     requests_per_second: *rps,
                     epoch: 1,
+                    ..Default::default()
                 })
                 .collect(),
         }
@@ -912,6 +1043,84 @@ mod tests {
         assert_eq!(
             merges(&plan(&adjacent(2, false), &nodes, &[1, 2, 3], &mut st, &cfg)),
             vec![(10, 11)]
+        );
+    }
+
+    #[test]
+    fn a_split_the_catalog_missed_is_recorded_before_anything_else() {
+        // The catalog knows shard 10 as [b0, b1) at epoch 1; its group split at m into 10 and
+        // group 12 (epoch 2), and a rebalance would be due too.
+        let cat = adjacent(2, false);
+        let d = cat.shards[&10].clone();
+        let mut mid = d.shard.start.clone();
+        mid.push(b'm');
+        let load = |id: u64, leader: bool, start: &[u8], end: &[u8], epoch: u64| ShardLoad {
+            shard_id: id,
+            leader,
+            epoch,
+            keyspace_id: 9,
+            start: start.to_vec().into(),
+            end: end.to_vec().into(),
+            ..Default::default()
+        };
+        let mut st = settled_state();
+        st.reports.insert(
+            1,
+            NodeReportResponse {
+                node_id: 1,
+                shards: vec![load(10, true, &d.shard.start, &mid, 2)],
+            },
+        );
+        st.reports.insert(
+            2,
+            NodeReportResponse {
+                node_id: 2,
+                shards: vec![load(12, false, &mid, &d.shard.end, 2)],
+            },
+        );
+        let steps = plan(
+            &cat,
+            &members(&[1, 2, 3, 4]),
+            &[1, 2, 3, 4],
+            &mut st,
+            &PlacementConfig::default(),
+        );
+        let [Step::RecordSplit {
+            shard: 10,
+            child: 12,
+            left,
+            right,
+            ..
+        }] = steps.as_slice()
+        else {
+            panic!("{steps:?}");
+        };
+        assert_eq!(
+            (left.start.clone(), left.end.clone(), left.epoch),
+            (d.shard.start.clone(), mid.clone(), 2)
+        );
+        assert_eq!(
+            (right.start.clone(), right.end.clone(), right.epoch),
+            (mid.clone(), d.shard.end.clone(), 2)
+        );
+        // A freeze (same range, newer epoch) is not a split.
+        st.reports.insert(
+            1,
+            NodeReportResponse {
+                node_id: 1,
+                shards: vec![load(10, true, &d.shard.start, &d.shard.end, 2)],
+            },
+        );
+        let steps = plan(
+            &cat,
+            &members(&[1, 2, 3]),
+            &[1, 2, 3],
+            &mut st,
+            &PlacementConfig::default(),
+        );
+        assert!(
+            steps.iter().all(|s| !matches!(s, Step::RecordSplit { .. })),
+            "{steps:?}"
         );
     }
 

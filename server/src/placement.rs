@@ -203,11 +203,12 @@ impl Placement {
             if view.keyspace(keycodec::DEFAULT_KEYSPACE_NAME).is_some() {
                 return Ok(());
             }
-            let id = txn.new_keyspace_id();
-            let group = txn.new_group_id();
-            if id != DEFAULT_KEYSPACE || group != crate::node::DEFAULT_GROUP {
+            // Fixed ids, which the allocators never hand out (see `CatalogTxn::new_group_id`), so
+            // keyspaces created before this record cannot have taken them.
+            let group = crate::node::DEFAULT_GROUP;
+            if view.shards.contains_key(&group) {
                 return Err(PlacementError::Conflict(format!(
-                    "catalog counters are past the default keyspace (keyspace {id}, group {group})"
+                    "group {group} of the default keyspace is recorded for another shard"
                 )));
             }
             let ks = catalog::default_keyspace(founders.len() as u32);

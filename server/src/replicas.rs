@@ -176,8 +176,9 @@ impl Replicas {
             return Ok(None);
         }
         if let Some(other) = self.overlapping(group, &shard) {
+            let theirs = self.get(other).map(|g| g.reader().shard());
             return Err(ReplicationError::Membership(format!(
-                "group {group} would overlap local group {other}"
+                "group {group} ({shard:?}) would overlap local group {other} ({theirs:?})"
             )));
         }
         if !recorded {

@@ -1,10 +1,12 @@
 //! Replica convergence: once the cluster has healed and replication has caught up, every node
 //! must hold the same value for every key.
 //!
-//! The input is each node's final state, read locally from that node. A key missing from a
-//! node's map is taken to be absent on that node, so a node that lost a key entirely differs
-//! from one that holds it. Findings are in key order and list every node's value, because which
-//! replicas agree usually tells which one diverged.
+//! The input is each node's final state, read locally from that node. A node's map lists every
+//! key of the shards it replicates, with `None` for a key that is absent there, so a node that
+//! lost a key differs from one that holds it. A key missing from a node's map is one whose shard
+//! the node does not replicate (with topology changes, shards live on different nodes): only the
+//! nodes that list a key are compared on it. Findings are in key order and list the compared
+//! nodes' values, because which replicas agree usually tells which one diverged.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -37,7 +39,7 @@ pub fn check(states: &BTreeMap<u64, BTreeMap<String, Option<String>>>) -> Vec<Di
         .filter_map(|key| {
             let values: BTreeMap<u64, Option<String>> = states
                 .iter()
-                .map(|(&node, state)| (node, state.get(key).cloned().flatten()))
+                .filter_map(|(&node, state)| Some((node, state.get(key)?.clone())))
                 .collect();
             let mut distinct = values.values();
             let first = distinct.next()?;
@@ -65,10 +67,11 @@ mod tests {
         let n = node(&[("a", Some("1")), ("b", None)]);
         let states = BTreeMap::from([(1, n.clone()), (2, n.clone()), (3, n)]);
         assert_eq!(check(&states), vec![]);
-        // Absent and missing are the same thing.
+        // A node that does not list a key does not replicate it, and is not compared on it.
         let states = BTreeMap::from([
-            (1, node(&[("a", Some("1")), ("b", None)])),
+            (1, node(&[("a", Some("1")), ("b", Some("2"))])),
             (2, node(&[("a", Some("1"))])),
+            (3, node(&[("b", Some("2"))])),
         ]);
         assert_eq!(check(&states), vec![]);
         assert_eq!(check(&BTreeMap::new()), vec![]);
@@ -79,7 +82,7 @@ mod tests {
         let states = BTreeMap::from([
             (1, node(&[("a", Some("1")), ("b", Some("x"))])),
             (2, node(&[("a", Some("1")), ("b", Some("x"))])),
-            (3, node(&[("a", Some("0"))])),
+            (3, node(&[("a", Some("0")), ("b", None)])),
         ]);
         let found = check(&states);
         let values = |entries: &[(u64, Option<&str>)]| -> BTreeMap<u64, Option<String>> {

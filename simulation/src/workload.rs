@@ -206,8 +206,14 @@ impl Judgement {
     /// healed and every node restarted; `workload` is how long the workload ran, from time 0.
     pub fn of(history: &History, replicas: &BTreeMap<u64, State>, workload: Duration) -> Result<Self, HistoryError> {
         let linearizability = linearizability::check(history, &CheckConfig::default())?;
-        // Convergence is checked separately, so any replica's state stands for the final state.
-        let final_state = replicas.values().next().cloned().unwrap_or_default();
+        // Convergence is checked separately, so for each key any replica's value stands for the
+        // final one (with topology changes a node lists only the keys of its own shards).
+        let mut final_state = State::new();
+        for state in replicas.values() {
+            for (key, value) in state {
+                final_state.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
         let durability = durability::check(history, &final_state)?;
         let convergence = convergence::check(replicas);
         let (mut ok, mut failed, mut unknown) = (0, 0, 0);

@@ -147,6 +147,12 @@ pub struct RaftGroup {
     metrics: ConsensusMetrics,
     health: Arc<GroupHealth>,
     sleep: Mutex<SleepCell>,
+    /// Serialises [`RaftGroup::compact_for_newcomer`] and remembers the last purge it asked for.
+    /// openraft (in debug builds) asserts that a scheduled purge never moves back, and its
+    /// policy-based purge after the next snapshot computes `snapshot - logs_kept_after_snapshot`,
+    /// which is behind a purge to the snapshot itself that replication has not let finish yet.
+    /// So a compaction first waits for the previous one's purge to be done.
+    compaction: tokio::sync::Mutex<u64>,
 }
 
 impl RaftGroup {
@@ -208,6 +214,7 @@ impl RaftGroup {
             metrics,
             health,
             sleep: Mutex::new(SleepCell::new(sleep)),
+            compaction: tokio::sync::Mutex::new(0),
         }))
     }
 
@@ -290,6 +297,8 @@ impl RaftGroup {
     /// carries the range along with the data. Followers that lag behind the purge point catch up
     /// by snapshot too, which costs bandwidth but never correctness.
     pub async fn compact_for_newcomer(&self) -> Result<(), ReplicationError> {
+        let mut requested = self.compaction.lock().await;
+        self.wait_purged(*requested).await?;
         let target = self.reader.applied_index();
         self.trigger_snapshot().await?;
         let snapshot_index = self
@@ -308,10 +317,19 @@ impl RaftGroup {
             .purge_log(snapshot_index)
             .await
             .map_err(|f| self.fatal(f))?;
+        *requested = (*requested).max(snapshot_index);
+        self.wait_purged(snapshot_index).await
+    }
+
+    /// Waits (up to the request timeout) until the log is purged through `index`.
+    async fn wait_purged(&self, index: u64) -> Result<(), ReplicationError> {
+        if index == 0 {
+            return Ok(());
+        }
         self.raft
             .wait(Some(self.cfg.request_timeout))
             .metrics(
-                |m| m.purged.is_some_and(|p| p.index >= snapshot_index),
+                |m| m.purged.is_some_and(|p| p.index >= index),
                 "the log purged up to the snapshot",
             )
             .await
@@ -447,6 +465,27 @@ impl RaftGroup {
             .map_err(|e| ReplicationError::QuorumUnavailable(format!("waiting for the membership to apply: {e}")))
     }
 
+    /// Waits until this leader has replicated its log through `index` to learner `id`; fails
+    /// with `NotLeader` if this node stops leading first. Unbounded: callers bound it (a newcomer
+    /// receiving a large snapshot takes as long as the transfer does).
+    async fn wait_for_learner(&self, id: u64, index: u64) -> Result<(), ReplicationError> {
+        let caught_up = |m: &openraft::RaftMetrics<types::TypeConfig>| {
+            m.replication
+                .as_ref()
+                .map(|r| r.get(&id).cloned().flatten().is_some_and(|l| l.index >= index))
+        };
+        let m = self
+            .raft
+            .wait(None)
+            .metrics(|m| caught_up(m) != Some(false), "the learner holding the log")
+            .await
+            .map_err(|e| ReplicationError::QuorumUnavailable(format!("waiting for node {id} to catch up: {e}")))?;
+        match caught_up(&m) {
+            Some(true) => Ok(()),
+            _ => Err(self.not_leader_now()),
+        }
+    }
+
     /// Hands leadership to the most caught-up node of `voters` other than this one, then answers
     /// `NotLeader` naming the new leader.
     async fn hand_over_to_one_of(&self, voters: &BTreeSet<u64>) -> ReplicationError {
@@ -558,12 +597,18 @@ impl Replication for RaftGroup {
                     None => Ok(()),
                 };
             }
-            // Join as a learner first and wait until it has caught up, so adding a voter never
-            // leaves the group waiting on a member that has none of the log.
-            self.raft
-                .add_learner(id, BasicNode::new(&addr), true)
+            // Join as a learner first and wait until it holds the log up to the entry that added
+            // it, so adding a voter never leaves the group counting on a member that has none of
+            // the log. openraft's own blocking add only waits until the learner is within
+            // `replication_lag_threshold` (5,000 entries) of the leader, which a small group's
+            // whole log is: a learner whose node never opened the group passed that check, and
+            // the group then had a voter that held nothing.
+            let added = self
+                .raft
+                .add_learner(id, BasicNode::new(&addr), false)
                 .await
                 .map_err(|e| self.write_error(e))?;
+            self.wait_for_learner(id, added.log_id.index).await?;
             self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
         })
     }

@@ -220,6 +220,13 @@ fn print_report(report: &linearizability::Report) {
 }
 
 fn main() -> ExitCode {
+    // The nodes' own log lines, for debugging a seed: `RUST_LOG=basalt_server=info basalt-sim run ...`.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match Cli::parse().command {
         Command::Check { history, max_steps } => {
             let file = match File::open(&history) {

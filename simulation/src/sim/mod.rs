@@ -26,6 +26,7 @@
 pub mod entropy;
 pub mod nemesis;
 pub mod net;
+pub mod topology;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -36,6 +37,7 @@ use std::time::Duration;
 use basalt_client::{Client, ClientConfig};
 use basalt_consensus::Replication;
 use basalt_server::config::NodeConfig;
+use basalt_server::replicas::Replicas;
 use basalt_server::{Node, NodeEnv, PlantedBug};
 use basalt_storage::MemoryEngine;
 use parking_lot::Mutex;
@@ -193,14 +195,24 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
 }
 
 /// A node's replica as seen from outside the simulation: gone while the node is down.
-type ReplicaSlot = Arc<Mutex<Weak<dyn Replication>>>;
+pub(crate) type ReplicaSlot = Arc<Mutex<NodeHandles>>;
+
+/// What the harness reaches into on a running node: its replica of the default keyspace's first
+/// shard (status, and the final state without topology changes) and all its replicas.
+pub(crate) struct NodeHandles {
+    replica: Weak<dyn Replication>,
+    pub(crate) replicas: Weak<Replicas>,
+}
 
 fn host(id: u64) -> String {
     format!("n{id}")
 }
 
-fn no_replica() -> Weak<dyn Replication> {
-    Weak::<basalt_consensus::raft::RaftGroup>::new()
+fn no_replica() -> NodeHandles {
+    NodeHandles {
+        replica: Weak::<basalt_consensus::raft::RaftGroup>::new(),
+        replicas: Weak::new(),
+    }
 }
 
 fn empty_slot() -> ReplicaSlot {
@@ -261,7 +273,10 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
                     planted_bug: bug,
                 };
                 let node = Node::start_with(ncfg, env, incoming, listen).await?;
-                *slot.lock() = Arc::downgrade(&node.replica());
+                *slot.lock() = NodeHandles {
+                    replica: Arc::downgrade(&node.replica()),
+                    replicas: Arc::downgrade(node.replicas()),
+                };
                 std::future::pending::<()>().await;
                 Ok(())
             }
@@ -271,6 +286,17 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
     }
 
     let endpoints: Vec<String> = initial_cluster.values().cloned().collect();
+    let topology = cfg.faults.topology;
+    if topology {
+        // Phase 0: the workload's keyspace exists before any client uses it.
+        let endpoints = endpoints.clone();
+        sim.client("setup", async move {
+            let client = Client::connect_with(client_config(endpoints), net::dialer()).await?;
+            topology::create_keyspace(&client).await?;
+            Ok(())
+        });
+        while !sim.step().map_err(|e| SimError::Turmoil(e.to_string()))? {}
+    }
     let recorder = Arc::new(Recorder::new(sim_now, cfg.max_ops));
     let keys: Arc<Vec<String>> = Arc::new((0..cfg.keys).map(|k| format!("k{k}")).collect());
     let until = nanos(cfg.duration);
@@ -283,7 +309,10 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
         let (recorder, keys, endpoints) = (recorder.clone(), keys.clone(), endpoints.clone());
         let seed = cfg.seed.wrapping_add((process + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         sim.client(format!("c{process}"), async move {
-            let client = Client::connect_with(client_config(endpoints), net::dialer()).await?;
+            let mut client = Client::connect_with(client_config(endpoints), net::dialer()).await?;
+            if topology {
+                client = client.with_keyspace(topology::KEYSPACE);
+            }
             client_process(process, mix, client, &recorder, &keys, seed, until).await;
             Ok(())
         });
@@ -305,6 +334,18 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
                 tokio::time::sleep(change.add.saturating_sub(elapsed())).await;
                 restore_member(&client, change.node, &addrs[&change.node], &log).await?;
             }
+            Ok(())
+        });
+    }
+
+    if !schedule.topology.is_empty() {
+        let (changes, log, endpoints, keys) = (schedule.topology.clone(), log.clone(), endpoints.clone(), keys.clone());
+        let nodes = ids.clone();
+        sim.client("topologist", async move {
+            let mut ccfg = client_config(endpoints);
+            ccfg.deadline = Duration::from_secs(10);
+            let client = Client::connect_with(ccfg, net::dialer()).await?;
+            topology::operate(&client, &changes, &keys, &nodes, &log).await;
             Ok(())
         });
     }
@@ -363,7 +404,7 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
         let (keys, endpoints, slots, states) = (keys.clone(), endpoints.clone(), slots.clone(), states.clone());
         let addrs = initial_cluster.clone();
         sim.client("checker", async move {
-            *states.lock() = final_states(&keys, endpoints, &addrs, &slots).await;
+            *states.lock() = final_states(&keys, endpoints, &addrs, &slots, topology).await;
             Ok(())
         });
     }
@@ -379,6 +420,7 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
         .map(|id| {
             slots[id]
                 .lock()
+                .replica
                 .upgrade()
                 .map(|r| (r.status().term, r.status().applied_index))
         })
@@ -451,6 +493,9 @@ fn sim_now() -> u64 {
 }
 
 fn note(log: &Mutex<Vec<(f64, String)>>, what: String) {
+    if std::env::var_os("BASALT_SIM_ECHO").is_some() {
+        eprintln!("{:7.2}s {what}", elapsed().as_secs_f64());
+    }
     log.lock().push((elapsed().as_secs_f64(), what));
 }
 
@@ -490,7 +535,7 @@ fn inject(
         Fault::Partition(split) => {
             let leader = ids
                 .iter()
-                .find_map(|id| slots[id].lock().upgrade().and_then(|r| r.status().leader_id))
+                .find_map(|id| slots[id].lock().replica.upgrade().and_then(|r| r.status().leader_id))
                 .unwrap_or(ids[0]);
             let pairs = split.pairs(ids, leader);
             for &(a, b) in &pairs {
@@ -544,13 +589,17 @@ async fn final_states(
     endpoints: Vec<String>,
     addrs: &BTreeMap<u64, String>,
     slots: &BTreeMap<u64, ReplicaSlot>,
+    topology: bool,
 ) -> Result<BTreeMap<u64, State>, String> {
     let deadline = elapsed() + RECOVERY_LIMIT;
     let mut ccfg = client_config(endpoints);
     ccfg.deadline = RECOVERY_LIMIT;
-    let client = Client::connect_with(ccfg, net::dialer())
+    let mut client = Client::connect_with(ccfg, net::dialer())
         .await
         .map_err(|e| e.to_string())?;
+    if topology {
+        client = client.with_keyspace(topology::KEYSPACE);
+    }
     // A removal whose outcome the operator never learned may have landed after its re-add.
     let log = Mutex::new(Vec::new());
     for (id, addr) in addrs {
@@ -561,14 +610,21 @@ async fn final_states(
     read_all(&client, keys)
         .await
         .map_err(|(key, e)| format!("reading {key:?} after healing: {e}"))?;
+    if topology {
+        return topology::final_states(&client, keys, slots).await;
+    }
     loop {
-        let replicas: Vec<Arc<dyn Replication>> = slots.values().filter_map(|s| s.lock().upgrade()).collect();
+        let replicas: Vec<Arc<dyn Replication>> = slots.values().filter_map(|s| s.lock().replica.upgrade()).collect();
         let applied: Vec<u64> = replicas.iter().map(|r| r.status().applied_index).collect();
         let commit = replicas.iter().map(|r| r.status().commit_index).max().unwrap_or(0);
         if replicas.len() == slots.len() && applied.iter().all(|&a| a == commit) {
             let mut states = BTreeMap::new();
             for (id, slot) in slots {
-                let replica = slot.lock().upgrade().ok_or("a replica stopped during the final read")?;
+                let replica = slot
+                    .lock()
+                    .replica
+                    .upgrade()
+                    .ok_or("a replica stopped during the final read")?;
                 let reader = replica.reader();
                 let mut state = BTreeMap::new();
                 for key in keys {

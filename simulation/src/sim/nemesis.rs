@@ -28,6 +28,12 @@
 //!   timers scale accordingly. Basalt reads no wall clock for correctness, so rate drift in the
 //!   timers is the form of skew that can matter; lease reads will add a bound on it.
 //! - `membership`: remove a node from the group under load, then add it back.
+//! - `topology`: the workload runs on a range keyspace of its own (3 replicas) whose shards an
+//!   operator splits (at a workload key, so the keys really move), merges with their right
+//!   neighbours, moves to a node without a replica (with more than 3 nodes) and hands between
+//!   leaders, through the real Admin API, on a schedule of its own beside the other faults. The
+//!   placement driver runs too. A topology change that fails (a fault is in force, the shard just
+//!   changed) is logged and the next one goes on.
 
 use std::fmt;
 use std::str::FromStr;
@@ -46,9 +52,19 @@ pub struct Faults {
     pub pause: bool,
     pub skew: bool,
     pub membership: bool,
+    pub topology: bool,
 }
 
-const KINDS: [&str; 7] = ["partition", "loss", "delay", "crash", "pause", "skew", "membership"];
+const KINDS: [&str; 8] = [
+    "partition",
+    "loss",
+    "delay",
+    "crash",
+    "pause",
+    "skew",
+    "membership",
+    "topology",
+];
 
 impl Faults {
     pub fn all() -> Self {
@@ -60,6 +76,7 @@ impl Faults {
             pause: true,
             skew: true,
             membership: true,
+            topology: true,
         }
     }
 
@@ -67,7 +84,7 @@ impl Faults {
         Self::default()
     }
 
-    fn flags(&self) -> [bool; 7] {
+    fn flags(&self) -> [bool; 8] {
         [
             self.partition,
             self.loss,
@@ -76,6 +93,7 @@ impl Faults {
             self.pause,
             self.skew,
             self.membership,
+            self.topology,
         ]
     }
 
@@ -88,6 +106,7 @@ impl Faults {
             "pause" => &mut self.pause,
             "skew" => &mut self.skew,
             "membership" => &mut self.membership,
+            "topology" => &mut self.topology,
             _ => return None,
         })
     }
@@ -126,7 +145,7 @@ impl fmt::Display for Faults {
             .collect();
         match on.len() {
             0 => f.write_str("none"),
-            7 => f.write_str("all"),
+            8 => f.write_str("all"),
             _ => f.write_str(&on.join(",")),
         }
     }
@@ -186,11 +205,34 @@ pub struct MembershipChange {
     pub add: Duration,
 }
 
+/// A change to the workload keyspace's shards (the `topology` kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopologyAction {
+    /// Split a shard at one of the workload's keys inside it.
+    Split,
+    /// Merge a shard with its right neighbour.
+    Merge,
+    /// Move one replica of a shard to a node without one.
+    Move,
+    /// Hand a shard's leadership to another of its replicas.
+    TransferLeader,
+}
+
+/// One topology change: `action` at `at`; `pick` chooses the shard, key and nodes among those
+/// that exist when it runs, so the choice depends only on the seed and the cluster's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopologyChange {
+    pub at: Duration,
+    pub action: TopologyAction,
+    pub pick: u64,
+}
+
 /// Everything the nemesis will do in one run.
 #[derive(Debug, Clone, Default)]
 pub struct Schedule {
     pub faults: Vec<Scheduled>,
     pub membership: Vec<MembershipChange>,
+    pub topology: Vec<TopologyChange>,
     /// Each node's clock rate in thousandths (1000 = true time), by node id - 1.
     pub clock_rates: Vec<u32>,
 }
@@ -256,9 +298,32 @@ impl Schedule {
                 t = add + ms(&mut rng, 2000, 5000);
             }
         }
+        // A generator of its own, so turning topology changes on leaves the other schedules as
+        // they were for the seed.
+        let mut topology = Vec::new();
+        if faults.topology {
+            let mut rng = StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x0070_B010_6111);
+            let mut t = QUIET_START + ms(&mut rng, 0, 1000);
+            while t < last {
+                // Splits are the most frequent, so there are shards to merge, move and transfer.
+                let action = match rng.random_range(0..10) {
+                    0..=3 => TopologyAction::Split,
+                    4..=5 => TopologyAction::Merge,
+                    6..=7 => TopologyAction::Move,
+                    _ => TopologyAction::TransferLeader,
+                };
+                topology.push(TopologyChange {
+                    at: t,
+                    action,
+                    pick: rng.random(),
+                });
+                t += ms(&mut rng, 400, 1500);
+            }
+        }
         Self {
             faults: scheduled,
             membership,
+            topology,
             clock_rates,
         }
     }
@@ -341,7 +406,15 @@ mod tests {
         }
         assert!(a.clock_rates.iter().all(|r| (750..=1333).contains(r)));
         let none = Schedule::generate(9, &Faults::none(), 3, Duration::from_secs(30));
-        assert!(none.faults.is_empty() && none.membership.is_empty());
+        assert!(none.faults.is_empty() && none.membership.is_empty() && none.topology.is_empty());
+        assert!(!a.topology.is_empty());
+        // Topology changes come from a generator of their own: the other schedules do not move.
+        let mut without = Faults::all();
+        without.topology = false;
+        let c = Schedule::generate(9, &without, 5, Duration::from_secs(30));
+        assert_eq!(a.faults, c.faults);
+        assert_eq!(a.membership, c.membership);
+        assert!(c.topology.is_empty());
         assert!(none.clock_rates.iter().all(|&r| r == 1000));
     }
 
