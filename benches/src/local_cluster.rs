@@ -393,11 +393,35 @@ pub struct LocalCluster {
     hosts: Option<Arc<dyn NodeHosts>>,
 }
 
+/// Attempts at starting a cluster whose ports were taken in the meantime (see [`LocalCluster::start`]).
+const START_ATTEMPTS: u32 = 3;
+
 impl LocalCluster {
     /// Launches `options.nodes` nodes bootstrapped together with `--initial-cluster` and returns
     /// once every one of them is serving. Does not wait for a leader: see
     /// [`LocalCluster::wait_for_leader`].
+    ///
+    /// Ports are reserved by binding and releasing them, so another process (another test's node,
+    /// or any outgoing connection given an ephemeral port) can take one before the node binds it.
+    /// A start that fails that way is retried with fresh ports and a fresh temporary directory,
+    /// up to [`START_ATTEMPTS`] times; with a caller-given directory it is not retried, since the
+    /// failed attempt may have bootstrapped data there with the old addresses.
     pub async fn start(options: LocalClusterOptions) -> Result<Self, ClusterError> {
+        let retry = options.base_dir.is_none() && options.hosts.is_none();
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(options.clone()).await {
+                Err(ClusterError::ExitedDuringStartup { ref log_tail, .. })
+                    if retry && attempt < START_ATTEMPTS && log_tail.contains("Address already in use") =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(options: LocalClusterOptions) -> Result<Self, ClusterError> {
         if options.nodes == 0 {
             return Err(ClusterError::InvalidOptions("a cluster needs at least one node".into()));
         }

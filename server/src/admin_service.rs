@@ -154,6 +154,39 @@ impl AdminService {
         self.placement.cached().map_err(placement_status)
     }
 
+    /// The catalog as of a ReadIndex barrier on the meta group, so that a listing shows every
+    /// change acknowledged before it, whichever node answers (a follower's cached catalog may lag:
+    /// a keyspace dropped a moment ago would still be listed). On a follower the request goes to
+    /// the meta leader through `call` instead, and its answer comes back as `Err`.
+    async fn fresh_catalog<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        req: &Request<Req>,
+        call: F,
+    ) -> Result<Result<Arc<Catalog>, Response<Resp>>, Status>
+    where
+        Req: Clone,
+        F: FnOnce(tonic::transport::Channel, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    {
+        match self.group.read_barrier().await {
+            Ok(_) => Ok(Ok(self.catalog()?)),
+            Err(e) => self
+                .forwarder
+                .forward_not_leader(
+                    self.group.as_ref(),
+                    &self.metrics,
+                    method,
+                    e,
+                    req.get_ref().clone(),
+                    is_forwarded(req),
+                    call,
+                )
+                .await
+                .map(Err),
+        }
+    }
+
     fn shard_pb(&self, cat: &Catalog, s: &ShardDesc, stats: bool) -> PbShard {
         let name = cat
             .keyspace_by_id(s.shard.keyspace)
@@ -535,9 +568,17 @@ impl Admin for AdminService {
 
     async fn list_keyspaces(
         &self,
-        _req: Request<ListKeyspacesRequest>,
+        req: Request<ListKeyspacesRequest>,
     ) -> Result<Response<ListKeyspacesResponse>, Status> {
-        let cat = self.catalog()?;
+        let cat = match self
+            .fresh_catalog("list_keyspaces", &req, |ch, r| async move {
+                AdminClient::new(ch).list_keyspaces(r).await
+            })
+            .await?
+        {
+            Ok(cat) => cat,
+            Err(forwarded) => return Ok(forwarded),
+        };
         Ok(Response::new(ListKeyspacesResponse {
             header: Some(header(self.group.as_ref())),
             keyspaces: cat.keyspaces.values().map(|k| k.to_pb()).collect(),
@@ -548,8 +589,16 @@ impl Admin for AdminService {
         &self,
         req: Request<DescribeKeyspaceRequest>,
     ) -> Result<Response<DescribeKeyspaceResponse>, Status> {
+        let cat = match self
+            .fresh_catalog("describe_keyspace", &req, |ch, r| async move {
+                AdminClient::new(ch).describe_keyspace(r).await
+            })
+            .await?
+        {
+            Ok(cat) => cat,
+            Err(forwarded) => return Ok(forwarded),
+        };
         let req = req.into_inner();
-        let cat = self.catalog()?;
         let ks = cat
             .keyspace(&req.name)
             .ok_or_else(|| Status::not_found(format!("keyspace {:?} does not exist", req.name)))?;
@@ -590,8 +639,16 @@ impl Admin for AdminService {
     }
 
     async fn list_shards(&self, req: Request<ListShardsRequest>) -> Result<Response<ListShardsResponse>, Status> {
+        let cat = match self
+            .fresh_catalog("list_shards", &req, |ch, r| async move {
+                AdminClient::new(ch).list_shards(r).await
+            })
+            .await?
+        {
+            Ok(cat) => cat,
+            Err(forwarded) => return Ok(forwarded),
+        };
         let req = req.into_inner();
-        let cat = self.catalog()?;
         let shards: Vec<PbShard> = if req.keyspace.is_empty() {
             let mut all: Vec<&ShardDesc> = cat.shards.values().collect();
             all.sort_by(|a, b| a.shard.start.cmp(&b.shard.start));

@@ -492,11 +492,15 @@ fn sim_now() -> u64 {
     nanos(elapsed())
 }
 
+/// Records an operator action for the run's report. With `BASALT_SIM_ECHO` set it is also printed
+/// at once, which interleaves it with the nodes' log lines (`RUST_LOG`) when debugging a seed,
+/// and shows it even for a run that ends in an error rather than a report.
 fn note(log: &Mutex<Vec<(f64, String)>>, what: String) {
+    let at = elapsed().as_secs_f64();
     if std::env::var_os("BASALT_SIM_ECHO").is_some() {
-        eprintln!("{:7.2}s {what}", elapsed().as_secs_f64());
+        eprintln!("{at:7.2}s {what}");
     }
-    log.lock().push((elapsed().as_secs_f64(), what));
+    log.lock().push((at, what));
 }
 
 /// Adds `node` back until the group lists it as a voter.
