@@ -639,14 +639,20 @@ impl Admin for AdminService {
     }
 
     async fn list_shards(&self, req: Request<ListShardsRequest>) -> Result<Response<ListShardsResponse>, Status> {
-        let cat = match self
-            .fresh_catalog("list_shards", &req, |ch, r| async move {
-                AdminClient::new(ch).list_shards(r).await
-            })
-            .await?
-        {
-            Ok(cat) => cat,
-            Err(forwarded) => return Ok(forwarded),
+        // Figures (applied index, sizes) describe the answering node's own replicas, so a
+        // request for them is answered here, from this node's catalog, not forwarded.
+        let cat = if req.get_ref().with_stats {
+            self.catalog()?
+        } else {
+            match self
+                .fresh_catalog("list_shards", &req, |ch, r| async move {
+                    AdminClient::new(ch).list_shards(r).await
+                })
+                .await?
+            {
+                Ok(cat) => cat,
+                Err(forwarded) => return Ok(forwarded),
+            }
         };
         let req = req.into_inner();
         let shards: Vec<PbShard> = if req.keyspace.is_empty() {

@@ -3,8 +3,9 @@
 //!
 //! Every round ([`PlacementConfig::interval`]) it asks every member for a report (its replicas,
 //! which it leads, their sizes and request rates; see [`crate::load`]) and then decides its
-//! steps, in this order of urgency (steps 1 and 2 exclude the rest of the round; steps 3 to 5
-//! each contribute at most one step, on distinct shards):
+//! steps, in this order of urgency (steps 1 and 2 exclude the rest of the round; splits run on
+//! up to [`MAX_PARALLEL_STEPS`] shards at once, and merges, rebalancing and leader balancing
+//! contribute at most one step each, on distinct shards):
 //!
 //! 1. **Finish moves** the catalog records as under way (a previous driver may have died
 //!    midway), or abandon those whose newcomer is gone.
@@ -35,8 +36,11 @@
 //! moved, a rebalance that undoes a repair), and a round is short, so "most urgent first, then
 //! look again" converges without the driver reasoning about interactions. Repairs are the
 //! exception (up to [`MAX_PARALLEL_STEPS`] at once, on distinct shards): a dead node's replicas
-//! are the cluster's exposure. Splits and balancing share a round because under a steady load
-//! some shard is always due a split, and balancing must not wait for that to end.
+//! are the cluster's exposure. So are splits: each touches only its own shard, and a keyspace
+//! growing under load outruns one split per round (it kept splitting long after its writes
+//! stopped, each child landing on its parent's nodes faster than balancing could spread them).
+//! Splits and balancing share a round because under a steady load some shard is always due a
+//! split, and balancing must not wait for that to end.
 //!
 //! The driver keeps no state that matters for safety: moves are recorded in the catalog before
 //! they start, splits are guarded by the shard's epoch, and everything else it holds (reports,
@@ -632,7 +636,9 @@ fn plan(
         }
         st.hot.remove(&d.id);
         steps.push(Step::Split { shard: d.id, why });
-        break;
+        if steps.len() == MAX_PARALLEL_STEPS {
+            break;
+        }
     }
     if steps.is_empty() {
         steps.extend(plan_merge(cat, &leaders, &mut st.mergeable_since, cfg));

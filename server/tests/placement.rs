@@ -14,7 +14,10 @@ use basalt_bench::local_cluster::{LocalCluster, LocalClusterOptions};
 use basalt_client::{Client, Shard, Sharding};
 use common::{basaltd, client, client_of, settled_leader, settled_shard_leader, verify, write_keys, Load};
 
-const SPLIT_SIZE: u64 = 16 * 1024;
+/// Small enough that the range keyspace splits within seconds of load, large enough that the
+/// data written before the load stops makes a dozen or two shards rather than a hundred (each
+/// extra group is work for the 2 cores that run all the nodes).
+const SPLIT_SIZE: u64 = 128 * 1024;
 
 async fn start(nodes: usize) -> LocalCluster {
     let mut opts = LocalClusterOptions::new(nodes, basaltd());
