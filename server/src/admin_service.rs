@@ -193,7 +193,13 @@ impl AdminService {
             .map(|k| k.name.clone())
             .unwrap_or_default();
         let local = self.placement.replicas().get(s.id);
-        let leader = local.as_ref().and_then(|g| g.status().leader_id).unwrap_or(0);
+        // Listings are answered by the meta leader (see `fresh_catalog`), which holds only some
+        // shards; for the others the driver's latest reports name the leader.
+        let leader = local
+            .as_ref()
+            .and_then(|g| g.status().leader_id)
+            .or_else(|| self.driver.reported_leader(s.id))
+            .unwrap_or(0);
         let mut pb = s.to_pb(&name, &self.placement.addresses(), leader);
         if let (true, Some(g)) = (stats, local) {
             pb.applied_index = g.status().applied_index;

@@ -448,6 +448,15 @@ impl Driver {
             .map_err(|s| s.message().to_string())
     }
 
+    /// The node whose latest report (at most one driver round old) says it leads `shard`:
+    /// what a listing on the meta leader shows for a shard it holds no replica of. `None` off
+    /// the meta leader, or while no report names a leader. If two reports claim the shard (a
+    /// leadership that moved between them) the one with the higher applied index wins, being
+    /// the more recent.
+    pub fn reported_leader(&self, shard: u64) -> Option<u64> {
+        reported_leader(&self.state.lock(), shard)
+    }
+
     /// The driver's view for `basaltctl cluster status`.
     pub fn status(&self, node_id: u64) -> PlacementStatusResponse {
         let members = self.placement.addresses();
@@ -495,6 +504,21 @@ impl Driver {
 }
 
 /// The shards counted against each node: its replicas, plus those it is receiving.
+/// See [`Driver::reported_leader`].
+fn reported_leader(st: &DriverState, shard: u64) -> Option<u64> {
+    st.leading_since?;
+    st.reports
+        .iter()
+        .filter_map(|(node, r)| {
+            r.shards
+                .iter()
+                .find(|l| l.shard_id == shard && l.leader)
+                .map(|l| (l.applied_index, *node))
+        })
+        .max()
+        .map(|(_, node)| node)
+}
+
 fn replica_counts(cat: &Catalog, nodes: &[u64]) -> BTreeMap<u64, usize> {
     let mut counts: BTreeMap<u64, usize> = nodes.iter().map(|n| (*n, 0)).collect();
     for d in cat.shards.values().filter(|d| d.id != META_GROUP) {
@@ -930,6 +954,28 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn listings_name_the_leader_the_freshest_report_claims() {
+        let mut st = settled_state();
+        assert_eq!(reported_leader(&st, 10), None, "no reports yet");
+        st.reports.insert(1, report(1, &[(10, 0, 0.0)]));
+        st.reports.insert(2, report(2, &[(11, 0, 0.0)]));
+        assert_eq!(reported_leader(&st, 10), Some(1));
+        assert_eq!(reported_leader(&st, 11), Some(2));
+        assert_eq!(reported_leader(&st, 12), None, "nobody leads it");
+        // Leadership moved between two reports: the higher applied index is the later view.
+        let mut newer = report(3, &[(10, 0, 0.0)]);
+        newer.shards[0].applied_index = 7;
+        st.reports.insert(3, newer);
+        assert_eq!(reported_leader(&st, 10), Some(3));
+        st.leading_since = None;
+        assert_eq!(
+            reported_leader(&st, 10),
+            None,
+            "a node that is not the driver knows nothing"
+        );
     }
 
     fn settled_state() -> DriverState {

@@ -38,22 +38,23 @@ pub async fn start_cluster(nodes: usize, snapshot_threshold: Option<u64>) -> (Lo
     (cluster, leader)
 }
 
-/// Waits until every node's replica of `shard` names the same leader, twice in a row 200 ms
-/// apart. The meta group (whose leader [`settled_leader`] waits for) and the default keyspace's
+/// Waits until every running node's listing of `shard` names the same leader, twice in a row
+/// 200 ms apart. The meta group (whose leader [`settled_leader`] waits for) and the default keyspace's
 /// shard elect their leaders independently; tests that send raw requests need both.
 pub async fn settled_shard_leader(cluster: &LocalCluster, shard: u64, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     let mut previous = None;
     loop {
         let mut views = Vec::new();
-        for id in cluster.node_ids() {
+        let running = running(cluster);
+        for &id in &running {
             let Ok(endpoint) = cluster.endpoint(id) else { continue };
             let shards = client_of(endpoint).await.list_shards(None, false).await;
             if let Some(s) = shards.ok().and_then(|all| all.into_iter().find(|s| s.id == shard)) {
                 views.push(s.leader_id);
             }
         }
-        let agreed = views.len() == cluster.node_ids().len() && views[0] != 0 && views.iter().all(|v| *v == views[0]);
+        let agreed = views.len() == running.len() && views[0] != 0 && views.iter().all(|v| *v == views[0]);
         if agreed && previous == Some(views[0]) {
             return views[0];
         }
@@ -66,18 +67,29 @@ pub async fn settled_shard_leader(cluster: &LocalCluster, shard: u64, timeout: D
     }
 }
 
-/// Waits until every node names the same leader in the same term, twice in a row 200 ms apart.
+/// The nodes of `cluster` whose processes run (a killed or stopped node has no view to agree).
+fn running(cluster: &LocalCluster) -> Vec<u64> {
+    cluster
+        .node_ids()
+        .into_iter()
+        .filter(|id| cluster.is_running(*id))
+        .collect()
+}
+
+/// Waits until every running node names the same leader in the same term, twice in a row
+/// 200 ms apart.
 pub async fn settled_leader(cluster: &LocalCluster, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     let mut previous = None;
     loop {
         let mut views = Vec::new();
-        for id in cluster.node_ids() {
+        let running = running(cluster);
+        for &id in &running {
             if let Ok(s) = cluster.cluster_status(id).await {
                 views.push((s.leader_id, s.header.map_or(0, |h| h.term)));
             }
         }
-        let agreed = views.len() == cluster.node_ids().len() && views[0].0 != 0 && views.iter().all(|v| *v == views[0]);
+        let agreed = views.len() == running.len() && views[0].0 != 0 && views.iter().all(|v| *v == views[0]);
         if agreed && previous == Some(views[0]) {
             return views[0].0;
         }
