@@ -42,6 +42,7 @@ use tracing::Instrument;
 
 use crate::config::ClientConfig;
 use crate::error::ClientError;
+use crate::read_mode::{older, ReadMode, ServedRead};
 use crate::retry::{call, call_routed, Deadline, HasHeader};
 use crate::route::KeyRoute;
 use crate::router::Router;
@@ -89,6 +90,19 @@ pub struct ScanPage {
     /// when the server predates cursors (it then holds one range-sharded keyspace, and the scan
     /// continues from the last key's successor).
     pub cursor: Option<Bytes>,
+    /// How the scan's pages were served: of a multi-page scan, the page that may be the oldest
+    /// (the largest staleness bound), else the last. `None` from a server that predates read
+    /// modes.
+    pub served: Option<ServedRead>,
+}
+
+/// A value read, and how the read was served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Read {
+    /// The value; `None` if the key does not exist.
+    pub value: Option<Bytes>,
+    /// `None` from a server that predates read modes.
+    pub served: Option<ServedRead>,
 }
 
 /// How a keyspace's keys are divided into shards.
@@ -166,6 +180,8 @@ pub struct Client {
     inner: Arc<Inner>,
     /// The keyspace every key-value request names; never empty.
     keyspace: Arc<str>,
+    /// This handle's read mode; `KeyspaceDefault` defers to the client's configured default.
+    read_mode: ReadMode,
 }
 
 struct Inner {
@@ -215,6 +231,7 @@ impl Client {
                 session,
             }),
             keyspace: Arc::from(DEFAULT_KEYSPACE),
+            read_mode: ReadMode::KeyspaceDefault,
         })
     }
 
@@ -231,6 +248,25 @@ impl Client {
         Client {
             inner: Arc::clone(&self.inner),
             keyspace,
+            read_mode: self.read_mode,
+        }
+    }
+
+    /// A handle whose reads (`get`, `scan`) use `mode`, sharing everything else with this one.
+    /// [`ReadMode::KeyspaceDefault`] goes back to the client's configured default.
+    pub fn with_read_mode(&self, mode: ReadMode) -> Client {
+        Client {
+            inner: Arc::clone(&self.inner),
+            keyspace: Arc::clone(&self.keyspace),
+            read_mode: mode,
+        }
+    }
+
+    /// The read mode this handle's reads ask for: its own, else the client's default.
+    pub fn read_mode(&self) -> ReadMode {
+        match self.read_mode {
+            ReadMode::KeyspaceDefault => self.inner.cfg.read_mode,
+            m => m,
         }
     }
 
@@ -270,22 +306,34 @@ impl Client {
 
     /// The value under `key`, or `None` if it does not exist. Linearizable.
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, ClientError> {
+        self.read(key).await.map(|r| r.value)
+    }
+
+    /// As [`Client::get`], also saying how the read was served (mode, replica, applied index and,
+    /// for the stale modes, how old the answer may be).
+    pub async fn read(&self, key: impl Into<Bytes>) -> Result<Read, ClientError> {
         let key = key.into();
         let keyspace = self.keyspace();
-        let span = tracing::debug_span!("basalt.get", keyspace, key_len = key.len());
-        self.call_key(
+        let mode = self.read_mode();
+        let span = tracing::debug_span!("basalt.get", keyspace, key_len = key.len(), %mode);
+        self.call_key_in(
             "get",
             RouteKey::User(key.clone()),
             Deadline::after(self.inner.cfg.deadline),
+            mode.any_replica(),
             || GetRequest {
                 keyspace: keyspace.to_owned(),
                 key: key.clone(),
+                read: mode.to_pb(),
             },
             |ch, req| async move { KvClient::new(ch).get(req).await },
         )
         .instrument(span)
         .await
-        .map(|resp| resp.value)
+        .map(|resp| Read {
+            value: resp.value,
+            served: resp.read.as_ref().map(ServedRead::from_pb),
+        })
     }
 
     /// Deletes `key`, exactly once. Returns whether it existed.
@@ -355,12 +403,15 @@ impl Client {
             end_len = end.len(),
             limit
         );
+        let mode = self.read_mode();
         let mut scan = ScanState {
             start,
             end,
             limit,
             cursor: cursor.unwrap_or_default(),
             kvs: Vec::new(),
+            mode,
+            served: None,
         };
         let deadline = Deadline::after(self.inner.cfg.deadline);
         async {
@@ -373,10 +424,11 @@ impl Client {
                     start: request.start.clone(),
                 };
                 let response = self
-                    .call_key(
+                    .call_key_in(
                         "scan",
                         position,
                         deadline,
+                        mode.any_replica(),
                         || request.clone(),
                         |ch, req| async move { KvClient::new(ch).scan(req).await },
                     )
@@ -499,6 +551,20 @@ impl Client {
         shards: u32,
         replicas: u32,
     ) -> Result<Keyspace, ClientError> {
+        self.create_keyspace_with_read_mode(name, sharding, shards, replicas, ReadMode::KeyspaceDefault)
+            .await
+    }
+
+    /// As [`Client::create_keyspace`], with `default_read` as the keyspace's default read mode
+    /// (`KeyspaceDefault` means `linearizable`).
+    pub async fn create_keyspace_with_read_mode(
+        &self,
+        name: &str,
+        sharding: Sharding,
+        shards: u32,
+        replicas: u32,
+        default_read: ReadMode,
+    ) -> Result<Keyspace, ClientError> {
         let name = name.to_owned();
         call(
             &self.inner.router,
@@ -509,6 +575,7 @@ impl Client {
                 sharding: sharding.to_wire(),
                 shards,
                 replicas,
+                default_read: default_read.to_pb(),
             },
             |ch, req| async move { AdminClient::new(ch).create_keyspace(req).await },
         )
@@ -737,8 +804,31 @@ impl Client {
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
         Resp: HasHeader,
     {
+        self.call_key_in(op, key, deadline, false, build, rpc).await
+    }
+
+    /// As `call_key`; with `any_replica`, attempts go to the least loaded of the shard's
+    /// replicas instead of its leader (reads in a mode any replica may serve).
+    async fn call_key_in<Req, Resp, B, F, Fut>(
+        &self,
+        op: &'static str,
+        key: RouteKey,
+        deadline: Deadline,
+        any_replica: bool,
+        build: B,
+        rpc: F,
+    ) -> Result<Resp, ClientError>
+    where
+        B: FnMut() -> Req,
+        F: FnMut(tonic::transport::Channel, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+        Resp: HasHeader,
+    {
         let inner = &*self.inner;
         let mut route = KeyRoute::new(&inner.router, &inner.cache, &inner.cfg, self.keyspace(), key);
+        if any_replica {
+            route = route.spread();
+        }
         call_routed(&mut route, &inner.cfg, op, deadline, build, rpc).await
     }
 
@@ -801,6 +891,9 @@ struct ScanState {
     limit: u32,
     cursor: Bytes,
     kvs: Vec<(Bytes, Bytes)>,
+    mode: ReadMode,
+    /// See [`ScanPage::served`].
+    served: Option<ServedRead>,
 }
 
 impl ScanState {
@@ -812,6 +905,7 @@ impl ScanState {
             start: self.start.clone(),
             end: self.end.clone(),
             limit: self.remaining(),
+            read: self.mode.to_pb(),
         }
     }
 
@@ -832,6 +926,9 @@ impl ScanState {
             )));
         }
         self.kvs.extend(response.kvs.into_iter().map(|kv| (kv.key, kv.value)));
+        if let Some(info) = response.read.as_ref().map(ServedRead::from_pb) {
+            self.served = Some(older(self.served, info));
+        }
         if !response.more {
             return Ok(Some(self.finish(false, None)));
         }
@@ -874,6 +971,7 @@ impl ScanState {
             kvs: std::mem::take(&mut self.kvs),
             more,
             cursor,
+            served: self.served.take(),
         }
     }
 }
@@ -890,12 +988,15 @@ mod tests {
             limit,
             cursor: Bytes::new(),
             kvs: Vec::new(),
+            mode: ReadMode::KeyspaceDefault,
+            served: None,
         }
     }
 
     fn response(keys: &[&str], more: bool, cursor: &str) -> ScanResponse {
         ScanResponse {
             header: None,
+            read: None,
             kvs: keys
                 .iter()
                 .map(|k| KeyValue {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::endpoint::EndpointAddr;
 use crate::error::ClientError;
+use crate::read_mode::ReadMode;
 
 /// How a [`crate::Client`] finds the cluster and how long it keeps retrying.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +25,9 @@ pub struct ClientConfig {
     pub backoff_initial: Duration,
     /// Ceiling of the exponential backoff.
     pub backoff_max: Duration,
+    /// The read mode of handles that do not choose one ([`crate::Client::with_read_mode`]);
+    /// `KeyspaceDefault` (the default) leaves it to each keyspace.
+    pub read_mode: ReadMode,
 }
 
 impl ClientConfig {
@@ -48,6 +52,7 @@ impl ClientConfig {
             deadline: Self::DEFAULT_DEADLINE,
             backoff_initial: Self::DEFAULT_BACKOFF_INITIAL,
             backoff_max: Self::DEFAULT_BACKOFF_MAX,
+            read_mode: ReadMode::KeyspaceDefault,
         }
     }
 

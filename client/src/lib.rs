@@ -33,6 +33,12 @@
 //!   requests straight to its shard's leader; `WrongShard`, `NotLeader` and response headers
 //!   keep it current. [`Client::routing_stats`] shows how well it does.
 //!
+//! - **Read modes** (`read_mode`): reads ask for `linearizable` (the default), `lease`,
+//!   `follower`, `bounded_staleness(max)` or `stale` per handle ([`Client::with_read_mode`]) or
+//!   per client ([`ClientConfig::read_mode`]); the modes any replica may serve go to the least
+//!   loaded replica of the shard rather than its leader, and [`Client::read`] reports how each
+//!   read was served.
+//!
 //! The [`cli`] module is `basaltctl`; it lives in the library so its parsing and formatting are
 //! unit-tested like the rest.
 
@@ -42,6 +48,7 @@ mod client;
 mod config;
 mod endpoint;
 mod error;
+mod read_mode;
 mod retry;
 mod route;
 mod router;
@@ -51,9 +58,10 @@ mod session;
 pub use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, Replica, Role, Shard};
 pub use basalt_proto::Dialer;
 pub use client::{
-    CasOutcome, Client, Expect, KeyspaceDescription, ScanPage, ShardMerge, ShardSplit, Sharding, DEFAULT_KEYSPACE,
+    CasOutcome, Client, Expect, KeyspaceDescription, Read, ScanPage, ShardMerge, ShardSplit, Sharding, DEFAULT_KEYSPACE,
 };
 pub use config::ClientConfig;
 pub use endpoint::{parse_endpoint_list, EndpointAddr};
 pub use error::ClientError;
+pub use read_mode::{ReadMode, ServedRead};
 pub use routing::{CachedShard, RoutingStats, MAX_KEYSPACES, MAX_SHARDS_PER_KEYSPACE};

@@ -113,6 +113,11 @@ pub(crate) struct KeyRoute<'a> {
     /// Endpoints that failed or refused the key during this call.
     excluded: Vec<usize>,
     placed: Option<Placed>,
+    /// Send attempts to the least loaded replica rather than the leader (reads that any replica
+    /// may serve), tracking each attempt's load on the router.
+    spread: bool,
+    /// The spread attempt in flight: its slot and when it started.
+    attempt: Option<(usize, Instant)>,
 }
 
 impl<'a> KeyRoute<'a> {
@@ -133,6 +138,23 @@ impl<'a> KeyRoute<'a> {
             lookups: 0,
             excluded: Vec::new(),
             placed: None,
+            spread: false,
+            attempt: None,
+        }
+    }
+
+    /// This route, sending attempts to the least loaded of the shard's replicas (fewest attempts
+    /// in flight from this client, then the quickest to answer) instead of its leader.
+    pub(crate) fn spread(mut self) -> Self {
+        self.spread = true;
+        self
+    }
+
+    /// The spread attempt in flight ended; `answered` says whether its time is a fair sample of
+    /// the endpoint's answer time.
+    fn attempt_ended(&mut self, answered: bool) {
+        if let Some((slot, started)) = self.attempt.take() {
+            self.router.finished(slot, answered.then(|| started.elapsed()));
         }
     }
 
@@ -144,6 +166,19 @@ impl<'a> KeyRoute<'a> {
                 .filter(|s| !self.excluded.contains(s) && (suspect_ok || !self.router.is_suspect(*s)))
                 .map(|s| (s, n.node_id))
         };
+        if self.spread {
+            return [false, true].into_iter().find_map(|suspect_ok| {
+                // Answer times within a quarter millisecond count as equal, so that load decides.
+                shard
+                    .replicas
+                    .iter()
+                    .filter_map(|n| usable(n, suspect_ok))
+                    .min_by_key(|(slot, _)| {
+                        let (inflight, rtt_us) = self.router.load(*slot);
+                        (inflight, rtt_us / 250)
+                    })
+            });
+        }
         [false, true].into_iter().find_map(|suspect_ok| {
             shard
                 .leader
@@ -214,6 +249,14 @@ impl<'a> KeyRoute<'a> {
     }
 }
 
+impl Drop for KeyRoute<'_> {
+    /// A call dropped mid-attempt (its deadline passed, its caller gave up) still ends the attempt
+    /// it had in flight, so the endpoint's load does not count it for ever.
+    fn drop(&mut self) {
+        self.attempt_ended(false);
+    }
+}
+
 /// A wire descriptor with its replica addresses resolved to router slots.
 pub(crate) fn resolve(router: &Router, shard: &Shard) -> ResolvedShard {
     let replicas: Vec<NodeRoute> = shard
@@ -281,9 +324,14 @@ impl Route for KeyRoute<'_> {
             Lookup::UnknownKeyspace | Lookup::Unroutable => (None, None),
         };
         self.placed = placed;
+        self.attempt_ended(false);
         match slot {
             Some(slot) => {
                 self.cache.count(Event::Hit);
+                if self.spread {
+                    self.router.started(slot);
+                    self.attempt = Some((slot, Instant::now()));
+                }
                 self.router.target_at(slot)
             }
             None => {
@@ -294,6 +342,7 @@ impl Route for KeyRoute<'_> {
     }
 
     fn on_success(&mut self, target: &Target, header: Option<&ResponseHeader>) {
+        self.attempt_ended(true);
         let Some(placed) = &self.placed else {
             self.router.on_success(target.index, header);
             return;
@@ -339,6 +388,7 @@ impl Route for KeyRoute<'_> {
     }
 
     fn on_not_leader(&mut self, target: &Target, leader_id: u64, leader_addr: &str) -> bool {
+        self.attempt_ended(true);
         let followed = self.router.on_not_leader(target.index, leader_id, leader_addr);
         let Some((key, shard)) = self
             .placed
@@ -373,6 +423,7 @@ impl Route for KeyRoute<'_> {
     }
 
     fn on_wrong_shard(&mut self, target: &Target, current: Option<&Shard>) -> bool {
+        self.attempt_ended(true);
         self.cache.count(Event::WrongShard);
         self.router.on_wrong_shard(target.index, &replica_addrs(current));
         if !self.excluded.contains(&target.index) {
@@ -407,6 +458,7 @@ impl Route for KeyRoute<'_> {
     }
 
     fn on_failure(&mut self, target: &Target) {
+        self.attempt_ended(false);
         self.router.on_failure(target.index);
         if !self.excluded.contains(&target.index) {
             self.excluded.push(target.index);
@@ -425,6 +477,7 @@ impl Route for KeyRoute<'_> {
     }
 
     fn on_error(&mut self, error: &ClientError) {
+        self.attempt_ended(false);
         // The keyspace does not exist (any more): its routes are of no use, and if it is
         // re-created it gets another id.
         if matches!(

@@ -30,6 +30,7 @@
 //!   so a dead or unreachable replica costs one attempt timeout per period rather than one per
 //!   request.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use basalt_proto::v1::ResponseHeader;
@@ -65,6 +66,17 @@ struct Slot {
     node_id: Option<u64>,
     /// Until when the endpoint is suspect after a failed attempt.
     suspect_until: Option<Instant>,
+    /// Load figures for spreading reads any replica may serve (see [`Router::load`]).
+    load: Load,
+}
+
+/// What the client knows of an endpoint's load: attempts in flight to it from this client, and
+/// a moving average of its answer time. Atomics, so that attempts update it under the read lock.
+#[derive(Debug, Default)]
+struct Load {
+    inflight: AtomicU32,
+    /// Exponentially weighted (1/8) answer time in µs; 0 until the first answer.
+    rtt_us: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -97,6 +109,7 @@ impl Router {
                 addr,
                 node_id: None,
                 suspect_until: None,
+                load: Load::default(),
             })
             .collect();
         Self {
@@ -151,6 +164,43 @@ impl Router {
             return Some(i);
         }
         self.state.write().find_or_add(addr, self.attempt_timeout, &self.dialer)
+    }
+
+    /// An attempt to the endpoint at `index` starts (for [`Router::load`]).
+    pub(crate) fn started(&self, index: usize) {
+        if let Some(s) = self.state.read().slots.get(index) {
+            s.load.inflight.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An attempt to the endpoint at `index` ended, answered after `rtt` if it was answered.
+    pub(crate) fn finished(&self, index: usize, rtt: Option<Duration>) {
+        let state = self.state.read();
+        let Some(s) = state.slots.get(index) else { return };
+        // Never below zero, whatever the order of reports.
+        let _ = s
+            .load
+            .inflight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+        if let Some(rtt) = rtt {
+            let sample = (rtt.as_micros() as u64).max(1);
+            let _ = s.load.rtt_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 { sample } else { (old * 7 + sample) / 8 })
+            });
+        }
+    }
+
+    /// The load of the endpoint at `index`: attempts in flight from this client, and its average
+    /// answer time in µs (0: never answered). Reads any replica may serve go to the replica with
+    /// the fewest in flight, then the quickest (the nearest).
+    pub(crate) fn load(&self, index: usize) -> (u32, u64) {
+        let state = self.state.read();
+        state.slots.get(index).map_or((u32::MAX, u64::MAX), |s| {
+            (
+                s.load.inflight.load(Ordering::Relaxed),
+                s.load.rtt_us.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Whether the endpoint at `index` failed an attempt within the last [`SUSPECT_FOR`].
@@ -294,6 +344,7 @@ impl RouterState {
             addr,
             node_id: None,
             suspect_until: None,
+            load: Load::default(),
         });
         Some(self.slots.len() - 1)
     }
@@ -332,6 +383,22 @@ mod tests {
             leader_id,
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn load_counts_attempts_in_flight_and_averages_answer_times() {
+        let r = router(&["a:1", "b:2"]);
+        assert_eq!(r.load(0), (0, 0), "nothing known yet");
+        r.started(0);
+        r.started(0);
+        assert_eq!(r.load(0).0, 2);
+        r.finished(0, Some(Duration::from_micros(800)));
+        assert_eq!(r.load(0), (1, 800), "the first answer sets the average");
+        r.finished(0, Some(Duration::from_micros(1_600)));
+        assert_eq!(r.load(0), (0, 900), "then it moves by an eighth");
+        r.finished(0, None);
+        assert_eq!(r.load(0), (0, 900), "never below zero; an unanswered attempt is no sample");
+        assert_eq!(r.load(7), (u32::MAX, u64::MAX), "an unknown slot is never the least loaded");
     }
 
     #[tokio::test]

@@ -118,6 +118,7 @@ impl FakeKeyspace {
                 sharding: sharding.to_wire(),
                 replicas: 3,
                 initial_shards: bounds.len() as u32,
+                default_read: None,
             },
             sharding,
             bounds,
@@ -449,6 +450,7 @@ impl Kv for FakeNode {
         Ok(Response::new(GetResponse {
             header: self.header(),
             value,
+            read: None,
         }))
     }
 
@@ -482,6 +484,7 @@ impl Kv for FakeNode {
                 kvs: vec![],
                 more: true,
                 cursor,
+                read: None,
             }));
         }
         let (kvs, more, cursor) = self.with_keyspace(&ks, |ks| ks.scan(&req))??;
@@ -490,6 +493,7 @@ impl Kv for FakeNode {
             kvs,
             more,
             cursor,
+            read: None,
         }))
     }
 
@@ -1507,7 +1511,8 @@ async fn admin_keyspace_and_shard_calls_send_what_they_are_given() {
                 name: "logs".into(),
                 sharding: Sharding::Range.to_wire(),
                 shards: 0,
-                replicas: 3
+                replicas: 3,
+                default_read: None,
             }),
             AdminCall::ListKeyspaces,
             AdminCall::DescribeKeyspace("logs".into()),
@@ -1619,7 +1624,8 @@ async fn basaltctl_keyspace_and_shard_commands() {
             name: "blue".into(),
             sharding: Sharding::Hash.to_wire(),
             shards: 4,
-            replicas: 0
+            replicas: 0,
+            default_read: None,
         }))
     );
     let (json, code) = ctl(&client, &["keyspace", "list", "-o", "json"]).await.expect("list");

@@ -239,6 +239,7 @@ impl Kv for FakeNode {
         Ok(Response::new(GetResponse {
             header: Some(header),
             value,
+            read: None,
         }))
     }
 
@@ -296,6 +297,7 @@ impl Kv for FakeNode {
             kvs,
             more,
             cursor,
+            read: None,
         }))
     }
 
@@ -363,6 +365,7 @@ impl Admin for FakeNode {
                 sharding: sharding.to_wire(),
                 replicas: 3,
                 initial_shards: ks.shards.len() as u32,
+                default_read: None,
             }),
             shards: ks
                 .shards

@@ -33,6 +33,13 @@ pub enum ReplicationError {
     /// The replica found corrupt data and stopped serving; nothing it holds is served any more.
     #[error("replica stopped, corrupt data: {0}")]
     Corrupted(String),
+    /// A bounded-staleness read could not be proven fresh enough on this replica (its safe time
+    /// is older than the bound, or it has none); nothing was read. Retry on the leader.
+    #[error("replica not fresh enough: {}", too_stale_display(*.age, *.max))]
+    TooStale {
+        age: Option<std::time::Duration>,
+        max: std::time::Duration,
+    },
     /// A storage error while serving a read.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -43,5 +50,12 @@ fn leader_display(id: Option<u64>, addr: &Option<String>) -> String {
         (Some(id), Some(addr)) => format!("{id} at {addr}"),
         (Some(id), None) => id.to_string(),
         _ => "unknown".to_string(),
+    }
+}
+
+fn too_stale_display(age: Option<std::time::Duration>, max: std::time::Duration) -> String {
+    match age {
+        Some(a) => format!("its data may be {a:?} old, over the bound of {max:?}"),
+        None => format!("it has no safe time yet, and the bound is {max:?}"),
     }
 }

@@ -15,6 +15,7 @@
 //! (`raft::network` → peer's `raft::peer_service`) → commit → `raft::state_machine` applies it to
 //! `basalt_storage::KvStateMachine` → the response travels back to the proposer.
 
+pub mod clock;
 mod error;
 mod metrics;
 pub mod raft;
@@ -22,4 +23,7 @@ mod replication;
 
 pub use error::ReplicationError;
 pub use metrics::{ConsensusMetrics, PeerKind};
-pub use replication::{BoxFuture, GroupHealth, GroupStatus, MemberInfo, ReadBarrier, Replication, Role, StateReader};
+pub use replication::{
+    BoxFuture, GroupHealth, GroupStatus, MemberInfo, ReadBarrier, ReadGrant, ReadMode, Replication, Role, Staleness,
+    StateReader,
+};

@@ -38,10 +38,12 @@ pub enum PeerKind {
     /// The node-to-node liveness exchange of idle-group hibernation (one per node pair and
     /// interval, whatever the number of groups).
     Liveness,
+    /// A follower asking the leader for its read index (a `follower` read mode read).
+    ReadIndex,
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 7] = [
+    pub const ALL: [PeerKind; 8] = [
         PeerKind::Append,
         PeerKind::Heartbeat,
         PeerKind::Vote,
@@ -49,6 +51,7 @@ impl PeerKind {
         PeerKind::TransferLeader,
         PeerKind::Snapshot,
         PeerKind::Liveness,
+        PeerKind::ReadIndex,
     ];
 
     pub fn label(self) -> &'static str {
@@ -60,6 +63,7 @@ impl PeerKind {
             PeerKind::TransferLeader => "transfer_leader",
             PeerKind::Snapshot => "snapshot",
             PeerKind::Liveness => "liveness",
+            PeerKind::ReadIndex => "read_index",
         }
     }
 }

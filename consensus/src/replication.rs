@@ -2,12 +2,15 @@
 //!
 //! A group is a replicated state machine over one contiguous range of keys. Writes are proposed
 //! and answered with the state machine's response after they apply; reads go to the local state
-//! machine after a read barrier that makes them linearizable. The trait is object safe (futures are
-//! boxed) so a node can hold groups of different consensus kinds side by side.
+//! machine after a read barrier that makes them linearizable, or after whatever check the read's
+//! [`ReadMode`] asks for (a lease, the leader's read index, the replica's safe time). The trait is
+//! object safe (futures are boxed) so a node can hold groups of different consensus kinds side by
+//! side.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use basalt_storage::{KvStateMachine, MergeExport, ShardScan, ShardScanPage, ShardState, WriteRequest, WriteResponse};
 use parking_lot::RwLock;
@@ -58,6 +61,45 @@ pub struct GroupStatus {
 #[derive(Debug, Clone, Copy)]
 pub struct ReadBarrier {
     pub applied_index: u64,
+}
+
+/// How a read asks to be served: the consensus layer's side of `basalt.v1.ReadMode` (the table
+/// in `docs/read-modes.md` is the contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// The leader, after a ReadIndex quorum round.
+    Linearizable,
+    /// The leader inside its lease, no round trip; outside it, as `Linearizable`.
+    Lease,
+    /// Any replica, once it has applied the leader's read index.
+    Follower,
+    /// Any replica whose safe time is at most this old (the drift bound included).
+    BoundedStaleness(Duration),
+    /// Any replica, as fresh as it happens to be.
+    Stale,
+}
+
+/// How old a non-linearizable read may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staleness {
+    /// Linearizable: it reflects every write acknowledged before the read began.
+    Fresh,
+    /// It reflects every write acknowledged more than this long before the read, by the serving
+    /// replica's clock, the configured drift bound included.
+    AtMost(Duration),
+    /// The replica has no safe time (it never heard a closed timestamp): no bound is known.
+    Unknown,
+}
+
+/// Permission to read the local state machine, as a [`Replication::prepare_read`] gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadGrant {
+    /// The mode that made the read safe: the one asked for, or a stronger one when the replica
+    /// fell back (a lease read outside a valid lease is a ReadIndex read).
+    pub mode: ReadMode,
+    /// The state machine has applied at least this much.
+    pub applied_index: u64,
+    pub staleness: Staleness,
 }
 
 /// One page of a scan: pairs in key order, and whether the range holds more after them.
@@ -204,6 +246,12 @@ pub trait Replication: Send + Sync + 'static {
     /// A linearizable read barrier (ReadIndex): confirms leadership with a quorum and waits until
     /// the local state machine has applied everything committed before the call.
     fn read_barrier(&self) -> BoxFuture<'_, Result<ReadBarrier, ReplicationError>>;
+
+    /// Makes a read in `mode` safe to serve from this replica's state machine, waiting where the
+    /// mode needs it. Fails with `NotLeader` where only the leader may serve it
+    /// (`Linearizable`, `Lease`, or `Follower` with no known leader), and with `TooStale` when a
+    /// bounded-staleness read cannot be proven fresh enough here; the caller forwards those.
+    fn prepare_read(&self, mode: ReadMode) -> BoxFuture<'_, Result<ReadGrant, ReplicationError>>;
 
     /// Read access to the local state machine; use after [`Replication::read_barrier`].
     fn reader(&self) -> StateReader;

@@ -36,6 +36,7 @@ use crate::limits::{check_member_address, invalid};
 use crate::load::ShardSize;
 use crate::metrics::ServerMetrics;
 use crate::placement::{self, Placement, PlacementError};
+use crate::read_mode::DefaultRead;
 use crate::replica_move;
 
 /// How long a status probe of one member may take before it counts as unreachable.
@@ -548,9 +549,10 @@ impl Admin for AdminService {
                     Ok(Sharding::Range) => false,
                     _ => return Err(invalid("sharding", "must be range or hash")),
                 };
+                let default_read = DefaultRead::from_pb(req.default_read.as_ref(), "default_read")?;
                 let r = self
                     .placement
-                    .create_keyspace(&req.name, hashed, req.shards, req.replicas)
+                    .create_keyspace(&req.name, hashed, req.shards, req.replicas, default_read)
                     .await;
                 if let Ok(ks) = &r {
                     tracing::info!(name = %ks.name, id = ks.id, hashed, shards = ks.initial_shards, "keyspace created");

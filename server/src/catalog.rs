@@ -30,6 +30,7 @@ use basalt_storage::{Command, Compare, ShardState, TxnOp, WriteRequest, MAX_SCAN
 use serde::{Deserialize, Serialize};
 
 use crate::node::DEFAULT_GROUP;
+use crate::read_mode::DefaultRead;
 
 /// The meta group's id. Data groups are numbered after it.
 pub const META_GROUP: u64 = 1;
@@ -59,6 +60,8 @@ pub struct KeyspaceDesc {
     pub hashed: bool,
     pub replicas: u32,
     pub initial_shards: u32,
+    /// The mode of reads that name none.
+    pub default_read: DefaultRead,
 }
 
 impl KeyspaceDesc {
@@ -69,6 +72,7 @@ impl KeyspaceDesc {
             sharding: if self.hashed { Sharding::Hash } else { Sharding::Range } as i32,
             replicas: self.replicas,
             initial_shards: self.initial_shards,
+            default_read: Some(self.default_read.to_pb()),
         }
     }
 
@@ -383,6 +387,7 @@ pub fn default_keyspace(replicas: u32) -> KeyspaceDesc {
         hashed: false,
         replicas,
         initial_shards: 1,
+        default_read: DefaultRead::Linearizable,
     }
 }
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use basalt_consensus::raft::hibernation::HibernationConfig;
+use basalt_consensus::raft::DEFAULT_MAX_CLOCK_DRIFT;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -107,6 +108,10 @@ pub struct Flags {
     /// `NodeConfig::hibernate_idle_groups`.
     #[arg(long, value_name = "BOOL")]
     pub hibernate_idle_groups: Option<bool>,
+    /// The most two nodes' wall clocks may differ, in milliseconds (default 100); see
+    /// `NodeConfig::max_clock_drift`. Every node of a cluster must use the same value.
+    #[arg(long, value_name = "MS")]
+    pub max_clock_drift: Option<u64>,
 }
 
 /// The same settings as a TOML file.
@@ -129,6 +134,7 @@ pub struct FileConfig {
     pub dead_node_timeout: Option<u64>,
     pub rebalance: Option<bool>,
     pub hibernate_idle_groups: Option<bool>,
+    pub max_clock_drift: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +184,13 @@ pub struct NodeConfig {
     pub liveness_interval: Duration,
     pub liveness_timeout: Duration,
     pub hibernate_after: Duration,
+    /// The bound on clock differences that read modes rely on (docs/read-modes.md): lease reads
+    /// use the lease minus this (so timers that drift apart by less than it over one lease keep
+    /// them safe), and every staleness bound a bounded-staleness or stale read reports includes
+    /// it (so a wall-clock offset under it never makes an answer older than reported). If real
+    /// clocks differ by more, lease reads may be stale and staleness bounds understated; nothing
+    /// else depends on it. Must be below half the minimum election timeout.
+    pub max_clock_drift: Duration,
 }
 
 impl NodeConfig {
@@ -335,6 +348,23 @@ impl NodeConfig {
                 .or(file.merge_delay)
                 .unwrap_or(defaults.merge_delay.as_secs()),
         );
+        let max_clock_drift = Duration::from_millis(
+            flags
+                .max_clock_drift
+                .or(file.max_clock_drift)
+                .unwrap_or(DEFAULT_MAX_CLOCK_DRIFT.as_millis() as u64),
+        );
+        if max_clock_drift >= DEFAULT_ELECTION_TIMEOUT_MIN / 2 {
+            return Err(ConfigError::Invalid {
+                field: "max-clock-drift",
+                reason: format!(
+                    "{} ms leaves lease reads no lease: it must be under {} ms (half the minimum election \
+                     timeout)",
+                    max_clock_drift.as_millis(),
+                    (DEFAULT_ELECTION_TIMEOUT_MIN / 2).as_millis()
+                ),
+            });
+        }
         let placement = PlacementConfig {
             split_bytes,
             split_qps: flags.split_load.or(file.split_load).unwrap_or(defaults.split_qps),
@@ -368,6 +398,7 @@ impl NodeConfig {
             liveness_interval: DEFAULT_LIVENESS_INTERVAL,
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
             hibernate_after: DEFAULT_HIBERNATE_AFTER,
+            max_clock_drift,
         })
     }
 }

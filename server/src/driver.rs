@@ -1010,6 +1010,7 @@ mod tests {
                 hashed,
                 replicas: 3,
                 initial_shards: 1,
+                default_read: Default::default(),
             },
         );
         cat

@@ -36,6 +36,8 @@ pub fn to_status(e: ReplicationError) -> Status {
             format!("replica stopped, corrupt data: {m}"),
             ErrorKind::Corruption(Corruption { what: m }),
         ),
+        // Retryable: the leader (or this replica, once fresher) can serve it.
+        e @ ReplicationError::TooStale { .. } => Status::unavailable(e.to_string()),
         ReplicationError::Storage(e) => Status::internal(format!("storage: {e}")),
     }
 }

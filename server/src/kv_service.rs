@@ -13,13 +13,13 @@
 //! Keys and values arrive as `Bytes` and are copied once into the proposed command, which the log
 //! needs to own anyway.
 
-use basalt_consensus::{Replication, ReplicationError, Role};
+use basalt_consensus::{ReadGrant, ReadMode, Replication, ReplicationError, Role, Staleness};
 use basalt_proto::keycodec;
 use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::kv_server::Kv;
 use basalt_proto::v1::{
     compare_and_swap_request::Expected, CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, ResponseHeader, ScanRequest, ScanResponse,
+    GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, ReadOptions, ResponseHeader, ScanRequest, ScanResponse,
     SessionExpired, WriteSession, WrongShard,
 };
 use basalt_proto::{status_with_detail, ErrorKind};
@@ -34,6 +34,7 @@ use crate::limits::{check_key, check_scan, check_session, check_value, invalid};
 use crate::metrics::ServerMetrics;
 use crate::placement::Placement;
 use crate::planted::PlantedBug;
+use crate::read_mode::{read_info, requested};
 
 pub struct KvService {
     placement: Placement,
@@ -224,30 +225,58 @@ impl KvService {
         }
     }
 
-    /// Passes a read barrier (then the caller reads locally); on a follower forwards `original`
-    /// to the leader instead and returns its answer.
+    /// Makes a read in `mode` safe here (then the caller reads locally and reports the grant);
+    /// where this replica may not serve it (only the leader may, or it cannot prove itself fresh
+    /// enough) forwards `original` to the leader instead and returns its answer.
     async fn read<Req, Resp, F, Fut>(
         &self,
         group: &Group,
         method: &'static str,
+        mode: ReadMode,
         original: Req,
         forwarded: bool,
         call: F,
-    ) -> Result<Option<Response<Resp>>, Status>
+    ) -> Result<Result<ReadGrant, Response<Resp>>, Status>
     where
         F: FnOnce(KvClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
     {
         if self.planted_bug == Some(PlantedBug::StaleReadWithoutBarrier) && Self::believes_it_leads(group) {
-            return Ok(None);
+            return Ok(Ok(ReadGrant {
+                mode,
+                applied_index: group.reader().applied_index(),
+                staleness: Staleness::Fresh,
+            }));
         }
-        match group.read_barrier().await {
-            Ok(_) => Ok(None),
-            Err(e) => self
-                .refused(group, method, e, original, forwarded, call)
-                .await
-                .map(Some),
+        match group.prepare_read(mode).await {
+            Ok(grant) => {
+                self.metrics.read_served(method, &grant);
+                Ok(Ok(grant))
+            }
+            // The leader can serve it fresh: forward it there like a NotLeader. If that fails
+            // too (no leader, or none reachable: a minority), the answer says why this replica
+            // could not serve it itself, which is what the caller can act on.
+            Err(too_stale @ ReplicationError::TooStale { .. }) if !forwarded => {
+                let s = group.status();
+                let not_leader = ReplicationError::NotLeader {
+                    leader_id: s.leader_id,
+                    leader_addr: s.leader_addr,
+                };
+                match self.refused(group, method, not_leader, original, forwarded, call).await {
+                    Ok(resp) => Ok(Err(resp)),
+                    Err(status) => Err(Status::unavailable(format!(
+                        "{too_stale}; the leader could not serve it either: {}",
+                        status.message()
+                    ))),
+                }
+            }
+            Err(e) => self.refused(group, method, e, original, forwarded, call).await.map(Err),
         }
+    }
+
+    /// The mode a read asks for: its own, else its keyspace's default.
+    fn read_mode(&self, ks: &KeyspaceDesc, o: Option<&ReadOptions>) -> Result<ReadMode, Status> {
+        Ok(requested(o, "read")?.unwrap_or_else(|| ks.default_read.mode()))
     }
 }
 
@@ -297,15 +326,17 @@ impl Kv for KvService {
                 check_key("key", &req.key)?;
                 let ks = self.keyspace(&req.keyspace).await?;
                 let stored = ks.encode(&req.key);
+                let mode = self.read_mode(&ks, req.read.as_ref())?;
                 let group = self.route(&ks, &stored)?;
-                if let Some(resp) = self
-                    .read(&group, "get", req.clone(), forwarded, |mut c, r| async move {
+                let grant = match self
+                    .read(&group, "get", mode, req.clone(), forwarded, |mut c, r| async move {
                         c.get(r).await
                     })
                     .await?
                 {
-                    return Ok(resp);
-                }
+                    Ok(grant) => grant,
+                    Err(resp) => return Ok(resp),
+                };
                 let value = group
                     .reader()
                     .get(&req.key)
@@ -313,6 +344,7 @@ impl Kv for KvService {
                 Ok(Response::new(GetResponse {
                     header: Some(header(group.as_ref())),
                     value: value.map(Into::into),
+                    read: Some(read_info(&grant, self.node_id())),
                 }))
             })
             .await
@@ -363,15 +395,17 @@ impl Kv for KvService {
                 if !position.starts_with(&ks.id.to_be_bytes()) {
                     return Err(invalid("cursor", "does not belong to this keyspace"));
                 }
+                let mode = self.read_mode(&ks, req.read.as_ref())?;
                 let group = self.route(&ks, &position)?;
-                if let Some(resp) = self
-                    .read(&group, "scan", req.clone(), forwarded, |mut c, r| async move {
+                let grant = match self
+                    .read(&group, "scan", mode, req.clone(), forwarded, |mut c, r| async move {
                         c.scan(r).await
                     })
                     .await?
                 {
-                    return Ok(resp);
-                }
+                    Ok(grant) => grant,
+                    Err(resp) => return Ok(resp),
+                };
                 let scan = ShardScan {
                     cursor,
                     start: req.start.to_vec(),
@@ -394,6 +428,7 @@ impl Kv for KvService {
                         .collect(),
                     more: page.cursor.is_some(),
                     cursor: page.cursor.unwrap_or_default().into(),
+                    read: Some(read_info(&grant, self.node_id())),
                 }))
             })
             .await

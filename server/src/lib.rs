@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod planted;
+pub mod read_mode;
 pub mod reconciler;
 pub mod replica_move;
 pub mod replicas;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use basalt_consensus::raft::hibernation::census;
 use basalt_consensus::raft::peer_service::GroupRegistry;
-use basalt_consensus::{Replication, Role};
+use basalt_consensus::{ReadGrant, ReadMode, Replication, Role, Staleness};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
@@ -28,6 +28,8 @@ pub struct ServerMetrics {
     forwards_abandoned: IntCounterVec,
     raft: IntGaugeVec,
     hibernation: IntGaugeVec,
+    reads: IntCounterVec,
+    staleness: HistogramVec,
 }
 
 impl ServerMetrics {
@@ -80,6 +82,23 @@ impl ServerMetrics {
         )?;
         registry.register(Box::new(raft.clone()))?;
         registry.register(Box::new(hibernation.clone()))?;
+        let reads = IntCounterVec::new(
+            Opts::new(
+                "basalt_reads_served_total",
+                "Reads served from this node's replicas, by method and the read mode that served them",
+            ),
+            &["method", "mode"],
+        )?;
+        let staleness = HistogramVec::new(
+            HistogramOpts::new(
+                "basalt_read_staleness_bound_seconds",
+                "The staleness bound reported by bounded_staleness and stale reads served here",
+            )
+            .buckets(prometheus::exponential_buckets(0.01, 2.0, 14)?),
+            &["mode"],
+        )?;
+        registry.register(Box::new(reads.clone()))?;
+        registry.register(Box::new(staleness.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -88,7 +107,24 @@ impl ServerMetrics {
             forwards_abandoned,
             raft,
             hibernation,
+            reads,
+            staleness,
         })
+    }
+
+    /// Counts a read served here in the mode `grant` says, with its staleness bound if it has one.
+    pub fn read_served(&self, method: &str, grant: &ReadGrant) {
+        let mode = match grant.mode {
+            ReadMode::Linearizable => "linearizable",
+            ReadMode::Lease => "lease",
+            ReadMode::Follower => "follower",
+            ReadMode::BoundedStaleness(_) => "bounded_staleness",
+            ReadMode::Stale => "stale",
+        };
+        self.reads.with_label_values(&[method, mode]).inc();
+        if let Staleness::AtMost(d) = grant.staleness {
+            self.staleness.with_label_values(&[mode]).observe(d.as_secs_f64());
+        }
     }
 
     pub fn observe(&self, method: &str, started: Instant, code: tonic::Code) {

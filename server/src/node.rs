@@ -48,6 +48,7 @@ use crate::metrics::{bind_metrics, serve_metrics, ServerMetrics};
 use crate::placement::Placement;
 use crate::planted::PlantedBug;
 use crate::replicas::Replicas;
+use basalt_consensus::clock::Clock;
 
 /// The default keyspace's first shard, formed at bootstrap by the founding members.
 pub const DEFAULT_GROUP: u64 = 2;
@@ -129,6 +130,8 @@ pub struct NodeEnv {
     pub serve_metrics: bool,
     /// A deliberate bug for the simulator's checkers to catch (see [`crate::planted`]).
     pub planted_bug: Option<PlantedBug>,
+    /// The wall clock closed timestamps are read from (the simulator's is skewed per node).
+    pub clock: Clock,
 }
 
 impl Default for NodeEnv {
@@ -139,6 +142,7 @@ impl Default for NodeEnv {
             dialer: Dialer::Tcp,
             serve_metrics: true,
             planted_bug: None,
+            clock: basalt_consensus::clock::system_clock(),
         }
     }
 }
@@ -186,7 +190,15 @@ impl Node {
         let consensus_metrics = ConsensusMetrics::new(&metrics.registry)?;
         let peers = PeerClients::with_dialer(env.dialer);
 
-        let replicas = Replicas::new(cfg.clone(), engine, writer, peers.clone(), consensus_metrics.clone());
+        let replicas = Replicas::new(
+            cfg.clone(),
+            engine,
+            writer,
+            peers.clone(),
+            consensus_metrics.clone(),
+            env.clock.clone(),
+            env.planted_bug.and_then(PlantedBug::read_bug),
+        );
         let weak = Arc::downgrade(&replicas);
         replicas.set_split_hook(Arc::new(move |group: u64, shard: ShardState| {
             let weak = weak.clone();

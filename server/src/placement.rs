@@ -28,6 +28,7 @@ use basalt_storage::{Command, ShardScan, ShardState, WriteRequest, WriteResponse
 
 use crate::catalog::{self, Catalog, KeyspaceDesc, ReplicaMove, ShardDesc, META_GROUP};
 use crate::load::LoadTracker;
+use crate::read_mode::DefaultRead;
 use crate::replicas::Replicas;
 
 /// Catalog transactions that lost a race are retried this many times on a fresh view.
@@ -232,6 +233,7 @@ impl Placement {
         hashed: bool,
         shards: u32,
         replicas: u32,
+        default_read: DefaultRead,
     ) -> Result<KeyspaceDesc, PlacementError> {
         check_keyspace_name(name)?;
         let voters = self.voters();
@@ -279,6 +281,7 @@ impl Placement {
                 hashed,
                 replicas,
                 initial_shards: shards,
+                default_read,
             };
             txn.put_keyspace(&ks);
             let ranges = catalog::initial_ranges(id, hashed, shards);

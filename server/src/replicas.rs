@@ -23,8 +23,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use basalt_consensus::clock::Clock;
 use basalt_consensus::raft::network::PeerClients;
 use basalt_consensus::raft::peer_service::GroupRegistry;
+use basalt_consensus::raft::reads::PlantedReadBug;
 use basalt_consensus::raft::{ClaimHook, RaftGroup, RaftGroupConfig, SplitHook};
 use basalt_consensus::{ConsensusMetrics, Replication, ReplicationError};
 use basalt_storage::keys::{decode_replica_key, replica_key, replica_range};
@@ -53,6 +55,9 @@ pub struct Replicas {
     claims: tokio::sync::Mutex<()>,
     on_split: RwLock<Option<SplitHook>>,
     on_claim: RwLock<Option<ClaimHook>>,
+    /// The node's wall clock, for closed timestamps.
+    clock: Clock,
+    planted_read_bug: Option<PlantedReadBug>,
 }
 
 impl Replicas {
@@ -62,8 +67,12 @@ impl Replicas {
         writer: Arc<GroupCommitWriter>,
         peers: PeerClients,
         metrics: ConsensusMetrics,
+        clock: Clock,
+        planted_read_bug: Option<PlantedReadBug>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            clock,
+            planted_read_bug,
             node_id: cfg.node_id,
             cfg,
             engine,
@@ -121,6 +130,9 @@ impl Replicas {
         g.election_timeout_min = cfg.election_timeout_min;
         g.election_timeout_max = cfg.election_timeout_max;
         g.hibernation = cfg.hibernation();
+        g.max_clock_drift = cfg.max_clock_drift;
+        g.clock = self.clock.clone();
+        g.planted_read_bug = self.planted_read_bug;
         g.on_split = self.on_split.read().clone();
         g.on_claim = self.on_claim.read().clone();
         g

@@ -11,8 +11,8 @@ use basalt_proto::v1::compare_and_swap_request::Expected;
 use basalt_proto::v1::kv_client::KvClient;
 use basalt_proto::v1::ErrorDetail;
 use basalt_proto::v1::{
-    CompareAndSwapRequest, DeleteRequest, GetRequest, PutRequest, RemoveMemberRequest, ScanRequest,
-    TransferLeaderRequest, WriteSession,
+    CompareAndSwapRequest, DeleteRequest, GetRequest, PutRequest, ReadMode, ReadOptions, RemoveMemberRequest,
+    ScanRequest, TransferLeaderRequest, WriteSession,
 };
 use basalt_proto::ErrorKind;
 use basalt_server::limits::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
@@ -42,6 +42,7 @@ async fn dump(kv: &mut KvClient<Channel>) -> Vec<(Bytes, Bytes)> {
             start: Bytes::new(),
             end: Bytes::new(),
             limit: 0,
+            read: None,
         })
         .await
         .expect("scan")
@@ -54,6 +55,7 @@ async fn value_of(kv: &mut KvClient<Channel>, key: &'static [u8]) -> Option<Byte
     kv.get(GetRequest {
         keyspace: String::new(),
         key: Bytes::from_static(key),
+        read: None,
     })
     .await
     .expect("get")
@@ -97,6 +99,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         kv.get(GetRequest {
             keyspace: String::new(),
             key: Bytes::new(),
+            read: None,
         })
         .await,
         "key",
@@ -117,10 +120,45 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             start: Bytes::from_static(b"b"),
             end: Bytes::from_static(b"a"),
             limit: 10,
+            read: None,
         })
         .await,
         "end",
     );
+    // Read options: a bound only on bounded_staleness, and one above zero there; a known mode.
+    for (read, field) in [
+        (
+            ReadOptions {
+                mode: ReadMode::BoundedStaleness as i32,
+                max_staleness_ms: 0,
+            },
+            "read.max_staleness_ms",
+        ),
+        (
+            ReadOptions {
+                mode: ReadMode::Stale as i32,
+                max_staleness_ms: 10,
+            },
+            "read.max_staleness_ms",
+        ),
+        (
+            ReadOptions {
+                mode: 99,
+                max_staleness_ms: 0,
+            },
+            "read.mode",
+        ),
+    ] {
+        assert_invalid(
+            kv.get(GetRequest {
+                keyspace: String::new(),
+                key: Bytes::from_static(b"existing"),
+                read: Some(read),
+            })
+            .await,
+            field,
+        );
+    }
     assert_invalid(
         kv.compare_and_swap(CompareAndSwapRequest {
             keyspace: String::new(),
@@ -346,6 +384,7 @@ async fn a_write_sent_to_a_follower_is_served_and_readable_everywhere() {
                 .get(GetRequest {
                     keyspace: String::new(),
                     key: format!("via-{other}").into(),
+                    read: None,
                 })
                 .await
                 .expect("get via any node")

@@ -60,6 +60,7 @@ async fn a_flipped_byte_in_a_stored_value_is_detected_and_the_replica_stops_serv
     let get = |key: &'static str| GetRequest {
         keyspace: String::new(),
         key: Bytes::from_static(key.as_bytes()),
+        read: None,
     };
     let status = kv
         .get(get("victim"))

@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::cli::duration::parse_duration;
 use crate::client::{Sharding, DEFAULT_KEYSPACE};
 use crate::endpoint::parse_endpoint_list;
+use crate::read_mode::ReadMode;
 
 const EXIT_CODES_HELP: &str = "\
 Exit status:
@@ -60,6 +61,12 @@ pub struct Cli {
         value_parser = parse_keyspace
     )]
     pub keyspace: Option<String>,
+
+    /// Read mode for get and scan: linearizable, lease, follower, bounded:DURATION (e.g.
+    /// bounded:500ms) or stale [default: the keyspace's]. With it, how the read was served
+    /// (mode, replica, applied index, staleness bound) is printed on stderr.
+    #[arg(long, global = true, env = "BASALT_READ_MODE", value_name = "MODE")]
+    pub read_mode: Option<ReadMode>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -231,6 +238,10 @@ pub enum KeyspaceCommand {
         /// Replicas per shard [default: 3, or fewer if fewer nodes are live].
         #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
         replicas: Option<u32>,
+        /// Default read mode of the keyspace's reads (see the global --read-mode for the
+        /// syntax) [default: linearizable].
+        #[arg(long = "default-read-mode", value_name = "MODE")]
+        default_read_mode: Option<ReadMode>,
     },
     /// Every keyspace.
     List {
@@ -501,7 +512,8 @@ mod tests {
                 name: "orders".into(),
                 sharding: ShardingArg::Hash,
                 shards: Some(8),
-                replicas: Some(3)
+                replicas: Some(3),
+                default_read_mode: None,
             }
         );
         assert_eq!(
@@ -510,7 +522,26 @@ mod tests {
                 name: "logs".into(),
                 sharding: ShardingArg::Range,
                 shards: None,
-                replicas: None
+                replicas: None,
+                default_read_mode: None,
+            }
+        );
+        assert_eq!(
+            ks(&[
+                "keyspace",
+                "create",
+                "feed",
+                "--sharding",
+                "range",
+                "--default-read-mode",
+                "bounded:2s"
+            ]),
+            KeyspaceCommand::Create {
+                name: "feed".into(),
+                sharding: ShardingArg::Range,
+                shards: None,
+                replicas: None,
+                default_read_mode: Some(ReadMode::BoundedStaleness(Duration::from_secs(2))),
             }
         );
         assert_eq!(

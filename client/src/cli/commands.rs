@@ -19,8 +19,8 @@ use crate::cli::exit::{CliError, Output};
 use crate::cli::format::{
     cas_failed_line, cluster_status_table, cluster_status_with_placement_json, keyspace_created_line,
     keyspace_description_json, keyspace_description_table, keyspaces_json, keyspaces_table, kv_lines, placement_table,
-    shard_merged_json, shard_merged_line, shard_moved_line, shard_split_line, shards_json, shards_table, value_line,
-    ByteStyle,
+    served_line, shard_merged_json, shard_merged_line, shard_moved_line, shard_split_line, shards_json, shards_table,
+    value_line, ByteStyle,
 };
 use crate::cli::scan::{self, KeyRange};
 use crate::client::{Client, Expect};
@@ -29,16 +29,22 @@ use crate::client::{Client, Expect};
 /// commands use `cli`'s).
 pub async fn execute(client: &Client, cli: &Cli) -> Result<Output, CliError> {
     let style = ByteStyle::from_hex_flag(cli.hex);
-    let client = &client.with_keyspace(cli.keyspace());
+    let client = &client
+        .with_keyspace(cli.keyspace())
+        .with_read_mode(cli.read_mode.unwrap_or_default());
     match &cli.command {
         Command::Put { key, value } => {
             client.put(key.clone(), value.clone()).await?;
             Ok(Output::ok("OK\n"))
         }
-        Command::Get { key } => match client.get(key.clone()).await? {
-            Some(value) => Ok(Output::ok(value_line(&value, style))),
-            None => Err(CliError::KeyNotFound(key.clone())),
-        },
+        Command::Get { key } => {
+            let read = client.read(key.clone()).await?;
+            let served = cli.read_mode.and(read.served).map(|s| served_line(&s));
+            match read.value {
+                Some(value) => Ok(Output::ok(value_line(&value, style)).with_note(served)),
+                None => Err(CliError::KeyNotFound(key.clone())),
+            }
+        }
         Command::Del { key } => {
             if client.delete(key.clone()).await? {
                 Ok(Output::ok("deleted\n"))
@@ -47,8 +53,9 @@ pub async fn execute(client: &Client, cli: &Cli) -> Result<Output, CliError> {
             }
         }
         Command::Scan(args) => {
-            let kvs = scan::collect(client, KeyRange::from_args(args), args.limit).await?;
-            Ok(Output::ok(kv_lines(&kvs, style)))
+            let scanned = scan::collect(client, KeyRange::from_args(args), args.limit).await?;
+            let served = cli.read_mode.and(scanned.served).map(|s| served_line(&s));
+            Ok(Output::ok(kv_lines(&scanned.kvs, style)).with_note(served))
         }
         Command::Cas(args) => {
             let expected = match &args.expect {
@@ -111,10 +118,17 @@ async fn keyspace_command(client: &Client, command: &KeyspaceCommand) -> Result<
             sharding,
             shards,
             replicas,
+            default_read_mode,
         } => {
             // 0 on the wire asks for the server's default.
             let created = client
-                .create_keyspace(name, (*sharding).into(), shards.unwrap_or(0), replicas.unwrap_or(0))
+                .create_keyspace_with_read_mode(
+                    name,
+                    (*sharding).into(),
+                    shards.unwrap_or(0),
+                    replicas.unwrap_or(0),
+                    default_read_mode.unwrap_or_default(),
+                )
                 .await?;
             Ok(Output::ok(keyspace_created_line(&created)))
         }

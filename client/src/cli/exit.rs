@@ -21,6 +21,8 @@ pub const EXIT_FAILURE: u8 = 3;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
     pub stdout: String,
+    /// Printed on stderr, so that stdout stays the result itself (how a read was served).
+    pub note: Option<String>,
     pub code: u8,
 }
 
@@ -28,6 +30,7 @@ impl Output {
     pub fn ok(stdout: impl Into<String>) -> Self {
         Self {
             stdout: stdout.into(),
+            note: None,
             code: EXIT_OK,
         }
     }
@@ -35,8 +38,14 @@ impl Output {
     pub fn negative(stdout: impl Into<String>) -> Self {
         Self {
             stdout: stdout.into(),
+            note: None,
             code: EXIT_NEGATIVE,
         }
+    }
+
+    pub fn with_note(mut self, note: Option<String>) -> Self {
+        self.note = note;
+        self
     }
 }
 

@@ -11,6 +11,7 @@ use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, PlacementStatusR
 use serde::Serialize;
 
 use crate::client::{KeyspaceDescription, ShardMerge, ShardSplit, Sharding};
+use crate::read_mode::ServedRead;
 
 /// How keys and values are rendered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +46,24 @@ impl ByteStyle {
 /// `get`'s output: the value and a newline.
 pub fn value_line(value: &[u8], style: ByteStyle) -> String {
     format!("{}\n", style.render(value))
+}
+
+/// How a read was served, for stderr: `read: mode=stale node=3 applied_index=120 staleness<=850ms`.
+pub fn served_line(s: &ServedRead) -> String {
+    let staleness = match (s.staleness, s.staleness_unknown) {
+        (_, true) => " staleness=unknown".to_string(),
+        (Some(d), false) => format!(" staleness<={}ms", d.as_millis()),
+        (None, false) => String::new(),
+    };
+    let mode = match s.mode {
+        // The bound asked for is not echoed by the server.
+        crate::read_mode::ReadMode::BoundedStaleness(_) => "bounded_staleness".to_string(),
+        m => m.to_string(),
+    };
+    format!(
+        "read: mode={mode} node={} applied_index={}{staleness}\n",
+        s.node_id, s.applied_index
+    )
 }
 
 /// `scan`'s output: one `key<TAB>value` line per pair.
@@ -707,6 +726,7 @@ ID  ADDRESS                ROLE         TERM  APPLIED  VOTER
             sharding: sharding.to_wire(),
             replicas: 3,
             initial_shards: if sharding == Sharding::Hash { 16 } else { 1 },
+            default_read: None,
         }
     }
 

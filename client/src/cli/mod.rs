@@ -65,6 +65,9 @@ pub fn main() -> ExitCode {
     match result {
         Ok(output) => {
             write_quietly(&mut std::io::stdout().lock(), &output.stdout);
+            if let Some(note) = &output.note {
+                write_quietly(&mut std::io::stderr().lock(), note);
+            }
             ExitCode::from(output.code)
         }
         Err(err) => {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use crate::cli::args::ScanArgs;
 use crate::cli::exit::CliError;
 use crate::client::{key_successor, Client};
+use crate::read_mode::{older, ServedRead};
 
 /// A half-open key range `[start, end)`; `end: None` is unbounded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +58,9 @@ pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Every pair in `range`, at most `limit` of them (`None` = all), in the keyspace's order.
-pub async fn collect(client: &Client, range: KeyRange, limit: Option<u32>) -> Result<Vec<(Bytes, Bytes)>, CliError> {
+pub async fn collect(client: &Client, range: KeyRange, limit: Option<u32>) -> Result<Scanned, CliError> {
     let mut out: Vec<(Bytes, Bytes)> = Vec::new();
+    let mut served = None;
     let mut start = range.start;
     let mut cursor: Option<Bytes> = None;
     loop {
@@ -72,6 +74,9 @@ pub async fn collect(client: &Client, range: KeyRange, limit: Option<u32>) -> Re
             .await?;
         let last = page.kvs.last().map(|(k, _)| k.clone());
         out.extend(page.kvs);
+        if let Some(s) = page.served {
+            served = Some(older(served, s));
+        }
         if let Some(limit) = limit {
             out.truncate(limit as usize);
             if out.len() >= limit as usize {
@@ -91,7 +96,13 @@ pub async fn collect(client: &Client, range: KeyRange, limit: Option<u32>) -> Re
             }
         }
     }
-    Ok(out)
+    Ok(Scanned { kvs: out, served })
+}
+
+/// What a scan command read, and how (the page whose answer may be the oldest).
+pub struct Scanned {
+    pub kvs: Vec<(Bytes, Bytes)>,
+    pub served: Option<ServedRead>,
 }
 
 #[cfg(test)]

@@ -11,10 +11,12 @@
 //! resumes rather than re-forming the cluster.
 
 pub mod blocking;
+pub mod closed_time;
 pub mod hibernation;
 pub mod log_store;
 pub mod network;
 pub mod peer_service;
+pub mod reads;
 pub mod state_machine;
 pub mod types;
 pub mod wire;
@@ -30,14 +32,17 @@ use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
 use parking_lot::{Mutex, RwLock};
 
+use self::closed_time::{Closed, ClosedTime};
 use self::hibernation::{HibernationConfig, Sleep, SleepCell};
 use self::log_store::LogStore;
 use self::network::{Network, PeerClients};
+use self::reads::{LeaseState, PlantedReadBug};
 use self::state_machine::{SnapshotDir, StateMachineStore};
 use self::types::Raft;
+use crate::clock::Clock;
 use crate::{
-    BoxFuture, ConsensusMetrics, GroupHealth, GroupStatus, MemberInfo, ReadBarrier, Replication, ReplicationError,
-    Role, StateReader,
+    BoxFuture, ConsensusMetrics, GroupHealth, GroupStatus, MemberInfo, ReadBarrier, ReadGrant, ReadMode, Replication,
+    ReplicationError, Role, StateReader,
 };
 
 /// Settings of one replica. Timing defaults suit a LAN or loopback. A dead leader is replaced in
@@ -82,6 +87,13 @@ pub struct RaftGroupConfig {
     /// Idle-group hibernation (see [`hibernation`]); `None` keeps the group ticking always.
     /// Must match the node's [`hibernation::Hibernation`], which drives it.
     pub hibernation: Option<HibernationConfig>,
+    /// The node's wall clock, for closed timestamps (see [`closed_time`]).
+    pub clock: Clock,
+    /// The bound on clock offset between nodes (and on timer drift over one lease) that lease
+    /// reads and staleness bounds rely on; see [`reads`].
+    pub max_clock_drift: Duration,
+    /// Simulator only: a read-path bug to plant (see [`reads::PlantedReadBug`]).
+    pub planted_read_bug: Option<PlantedReadBug>,
 }
 
 impl std::fmt::Debug for RaftGroupConfig {
@@ -94,6 +106,10 @@ impl std::fmt::Debug for RaftGroupConfig {
             .finish_non_exhaustive()
     }
 }
+
+/// The default bound on clock offset between nodes: an NTP-synchronised LAN stays well inside
+/// it, and it leaves lease reads most of the default 600 ms lease.
+pub const DEFAULT_MAX_CLOCK_DRIFT: Duration = Duration::from_millis(100);
 
 impl RaftGroupConfig {
     pub fn new(node_id: u64, group_id: u64, shard: ShardState, snapshot_dir: PathBuf) -> Self {
@@ -111,6 +127,9 @@ impl RaftGroupConfig {
             logs_kept_after_snapshot: 1_000,
             request_timeout: Duration::from_secs(5),
             hibernation: None,
+            clock: crate::clock::system_clock(),
+            max_clock_drift: DEFAULT_MAX_CLOCK_DRIFT,
+            planted_read_bug: None,
         }
     }
 
@@ -153,6 +172,41 @@ pub struct RaftGroup {
     /// which is behind a purge to the snapshot itself that replication has not let finish yet.
     /// So a compaction first waits for the previous one's purge to be done.
     compaction: tokio::sync::Mutex<u64>,
+    /// Closed timestamps: claims this replica makes as leader and those it received.
+    closed: Arc<ClosedTime>,
+    /// The node's peer connections, for the read-index request of follower reads.
+    peers: PeerClients,
+    /// What lease reads and closed timestamps remember about this replica's leadership.
+    lease: Arc<Mutex<LeaseState>>,
+}
+
+/// The leader side of closed timestamps (see [`closed_time`]): while this replica holds its lease
+/// and has applied an entry of its term, the wall clock *then* the applied index.
+fn closer(
+    cfg: &RaftGroupConfig,
+    raft: Raft,
+    reader: StateReader,
+    lease: Arc<Mutex<LeaseState>>,
+) -> closed_time::Closer {
+    let usable = cfg.election_timeout_max.saturating_sub(cfg.max_clock_drift);
+    let clock = cfg.clock.clone();
+    Box::new(move || {
+        let now = tokio::time::Instant::now();
+        let m = raft.metrics();
+        let m = m.borrow_watched();
+        if m.state == ServerState::Leader {
+            // Noted on every heartbeat, so a new leader's wait for lease reads starts promptly.
+            lease.lock().leading_since(m.current_term, now);
+        }
+        if !reads::lease_holds(&m, &lease, usable) {
+            return None;
+        }
+        let at_us = clock.now_us();
+        Some(Closed {
+            at_us,
+            index: reader.applied_index(),
+        })
+    })
 }
 
 impl RaftGroup {
@@ -201,13 +255,17 @@ impl RaftGroup {
             },
             _ => Sleep::Awake,
         };
-        let network = Network::new(cfg.group_id, peers, metrics.clone());
+        let closed = Arc::new(ClosedTime::new(cfg.clock.clone()));
+        let network = Network::new(cfg.group_id, peers.clone(), metrics.clone(), closed.clone());
         let openraft_cfg = cfg.openraft_config(sleep == Sleep::Awake)?;
         let raft = Raft::new(cfg.node_id, Arc::new(openraft_cfg), network, log, store)
             .await
             .map_err(|e| ReplicationError::Stopped(format!("raft failed to start: {e}")))?;
+        let reader = StateReader::new(sm, health.clone());
+        let lease = Arc::new(Mutex::new(LeaseState::default()));
+        closed.set_closer(closer(&cfg, raft.clone(), reader.clone(), lease.clone()));
         Ok(Arc::new(Self {
-            reader: StateReader::new(sm, health.clone()),
+            reader,
             cfg,
             raft,
             snapshots,
@@ -215,6 +273,9 @@ impl RaftGroup {
             health,
             sleep: Mutex::new(SleepCell::new(sleep)),
             compaction: tokio::sync::Mutex::new(0),
+            closed,
+            peers,
+            lease,
         }))
     }
 
@@ -272,6 +333,11 @@ impl RaftGroup {
 
     pub(crate) fn hibernation(&self) -> Option<&HibernationConfig> {
         self.cfg.hibernation.as_ref()
+    }
+
+    /// Records a closed timestamp that arrived with an AppendEntries this replica accepted.
+    pub(crate) fn observe_closed(&self, c: Closed) {
+        self.closed.observe(c, self.reader.applied_index());
     }
 
     pub(crate) fn sleep(&self) -> &Mutex<SleepCell> {
@@ -575,6 +641,10 @@ impl Replication for RaftGroup {
         ))
     }
 
+    fn prepare_read(&self, mode: ReadMode) -> BoxFuture<'_, Result<ReadGrant, ReplicationError>> {
+        Box::pin(self.prepare_read_in(mode))
+    }
+
     fn reader(&self) -> StateReader {
         self.reader.clone()
     }
@@ -665,6 +735,9 @@ impl Replication for RaftGroup {
                 if status.role != Role::Leader {
                     return Err(self.not_leader_now());
                 }
+                // From here on the followers may vote for `to` at once, lease or not: this
+                // replica's lease means nothing any more (see `reads`).
+                self.lease.lock().note_transfer(status.term);
                 self.raft
                     .trigger()
                     .transfer_leader(to)

@@ -29,6 +29,7 @@ use prost::Message as _;
 use serde::{de::DeserializeOwned, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
+use super::closed_time::{Closed, ClosedTime};
 use super::types::{NodeId, Snapshot, SnapshotFile, TypeConfig, Vote};
 use super::wire;
 use crate::{ConsensusMetrics, PeerKind};
@@ -106,17 +107,38 @@ fn read_chunk(mut file: std::fs::File) -> std::io::Result<(std::fs::File, Vec<u8
     Ok((file, buf))
 }
 
+/// AppendEntries as it travels: the request, and the leader's closed timestamp when it can make
+/// one (see [`super::closed_time`]); both under the message's checksum.
+#[derive(Serialize)]
+pub(crate) struct AppendOut<'a> {
+    pub rpc: &'a AppendEntriesRequest<TypeConfig>,
+    pub closed: Option<Closed>,
+}
+
+/// The receiving side of [`AppendOut`].
+#[derive(serde::Deserialize)]
+pub(crate) struct AppendIn {
+    pub rpc: AppendEntriesRequest<TypeConfig>,
+    pub closed: Option<Closed>,
+}
+
 /// Creates per-target network clients for one group.
 #[derive(Clone)]
 pub struct Network {
     group: u64,
     peers: PeerClients,
     metrics: ConsensusMetrics,
+    closed: Arc<ClosedTime>,
 }
 
 impl Network {
-    pub fn new(group: u64, peers: PeerClients, metrics: ConsensusMetrics) -> Self {
-        Self { group, peers, metrics }
+    pub fn new(group: u64, peers: PeerClients, metrics: ConsensusMetrics, closed: Arc<ClosedTime>) -> Self {
+        Self {
+            group,
+            peers,
+            metrics,
+            closed,
+        }
     }
 }
 
@@ -130,6 +152,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             peers: self.peers.clone(),
             metrics: self.metrics.clone(),
+            closed: self.closed.clone(),
         }
     }
 }
@@ -140,6 +163,7 @@ pub struct PeerConnection {
     addr: String,
     peers: PeerClients,
     metrics: ConsensusMetrics,
+    closed: Arc<ClosedTime>,
 }
 
 fn unreachable<E: std::error::Error + 'static>(e: &E) -> RPCError<TypeConfig> {
@@ -235,7 +259,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         } else {
             PeerKind::Append
         };
-        self.call(kind, "append entries", &rpc, &option, |mut c, r| async move {
+        let msg = AppendOut {
+            rpc: &rpc,
+            closed: self.closed.close(),
+        };
+        self.call(kind, "append entries", &msg, &option, |mut c, r| async move {
             c.append_entries(r).await
         })
         .await

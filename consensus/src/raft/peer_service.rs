@@ -20,11 +20,11 @@ use parking_lot::RwLock;
 use serde::{de::DeserializeOwned, Serialize};
 use tonic::{Request, Response, Status, Streaming};
 
-use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use openraft::raft::{TransferLeaderRequest, VoteRequest};
 use prost::Message as _;
 
 use super::hibernation::{Hibernation, LivenessRequest};
-use super::network::RemoteResult;
+use super::network::{AppendIn, RemoteResult};
 use super::types::{Snapshot, SnapshotFile, SnapshotMeta, TypeConfig, Vote};
 use super::wire;
 use super::RaftGroup;
@@ -172,8 +172,8 @@ impl PeerService {
 impl RaftPeer for PeerService {
     async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.serve(
-            |rpc: &AppendEntriesRequest<TypeConfig>| {
-                if rpc.entries.is_empty() {
+            |m: &AppendIn| {
+                if m.rpc.entries.is_empty() {
                     PeerKind::Heartbeat
                 } else {
                     PeerKind::Append
@@ -181,7 +181,26 @@ impl RaftPeer for PeerService {
             },
             "append entries",
             req,
-            |g, rpc| async move { g.raft().append_entries(rpc).await },
+            |g, m| async move {
+                let r = g.raft().append_entries(m.rpc).await;
+                // A claim counts only from a message this replica accepted from its leader.
+                if let (Ok(resp), Some(c)) = (&r, m.closed) {
+                    if resp.is_success() {
+                        g.observe_closed(c);
+                    }
+                }
+                r
+            },
+        )
+        .await
+    }
+
+    async fn read_index(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.serve(
+            |_: &()| PeerKind::ReadIndex,
+            "read index",
+            req,
+            |g, ()| async move { g.leader_read_index().await },
         )
         .await
     }

@@ -35,6 +35,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use basalt_client::{Client, ClientConfig};
+use basalt_consensus::clock::SimClock;
 use basalt_consensus::Replication;
 use basalt_server::config::NodeConfig;
 use basalt_server::replicas::Replicas;
@@ -261,6 +262,7 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
             cfg.snapshot_threshold,
         );
         let (e, s, bug) = (engine.clone(), slot.clone(), cfg.planted_bug);
+        let (offset, ahead) = wall_clock_offset(cfg.seed, id, cfg.faults.skew);
         sim.host(host(id), move || {
             let (engine, slot, ncfg) = (e.clone(), s.clone(), ncfg.clone());
             async move {
@@ -271,6 +273,9 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
                     dialer: net::dialer(),
                     serve_metrics: false,
                     planted_bug: bug,
+                    // Created when the host (re)starts: its clock reads the same simulated wall
+                    // time as before a crash, as a real machine's would.
+                    clock: Arc::new(SimClock::new(SIM_EPOCH_US + nanos(elapsed()) / 1_000, offset, ahead)),
                 };
                 let node = Node::start_with(ncfg, env, incoming, listen).await?;
                 *slot.lock() = NodeHandles {
@@ -469,7 +474,25 @@ fn node_config(
         liveness_interval: scaled(DEFAULT_LIVENESS_INTERVAL),
         liveness_timeout: scaled(DEFAULT_LIVENESS_TIMEOUT),
         hibernate_after: scaled(DEFAULT_HIBERNATE_AFTER),
+        max_clock_drift: basalt_consensus::raft::DEFAULT_MAX_CLOCK_DRIFT,
     }
+}
+
+/// The simulated wall clock's reading at the start of every run (2026-01-01T00:00:00Z), so that
+/// runs are deterministic.
+const SIM_EPOCH_US: u64 = 1_767_225_600_000_000;
+
+/// Node `id`'s wall-clock offset: with `skew` on, up to half the drift bound either way (so two
+/// nodes differ by less than the bound, as the configuration promises); else none.
+fn wall_clock_offset(seed: u64, id: u64, skew: bool) -> (Duration, bool) {
+    if !skew {
+        return (Duration::ZERO, true);
+    }
+    let half = basalt_consensus::raft::DEFAULT_MAX_CLOCK_DRIFT.as_micros() as u64 / 2;
+    let mix = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(id.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    (Duration::from_micros(mix % half), (mix >> 32) & 1 == 0)
 }
 
 fn client_config(endpoints: Vec<String>) -> ClientConfig {
