@@ -51,6 +51,12 @@ impl ReadMode {
         })
     }
 
+    /// Whether the mode promises linearizable reads (`KeyspaceDefault` counts as linearizable:
+    /// it is, unless the keyspace was created with another default).
+    pub fn linearizable(self) -> bool {
+        !matches!(self, ReadMode::BoundedStaleness(_) | ReadMode::Stale)
+    }
+
     /// Whether any replica may serve the read, so the client should spread such reads over the
     /// shard's replicas instead of sending them to its leader.
     pub(crate) fn any_replica(self) -> bool {

@@ -397,8 +397,16 @@ mod tests {
         r.finished(0, Some(Duration::from_micros(1_600)));
         assert_eq!(r.load(0), (0, 900), "then it moves by an eighth");
         r.finished(0, None);
-        assert_eq!(r.load(0), (0, 900), "never below zero; an unanswered attempt is no sample");
-        assert_eq!(r.load(7), (u32::MAX, u64::MAX), "an unknown slot is never the least loaded");
+        assert_eq!(
+            r.load(0),
+            (0, 900),
+            "never below zero; an unanswered attempt is no sample"
+        );
+        assert_eq!(
+            r.load(7),
+            (u32::MAX, u64::MAX),
+            "an unknown slot is never the least loaded"
+        );
     }
 
     #[tokio::test]

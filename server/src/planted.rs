@@ -22,6 +22,9 @@ pub enum PlantedBug {
     StaleLease,
     /// Follower reads serve what the replica has applied without the leader's read index.
     FollowerWithoutReadIndex,
+    /// Bounded-staleness and stale reads report the drift bound as their staleness, whatever
+    /// the replica's safe time: a replica cut off from its leader claims to be fresh.
+    UnderstatedStaleness,
 }
 
 impl PlantedBug {
@@ -30,6 +33,7 @@ impl PlantedBug {
         match self {
             PlantedBug::StaleLease => Some(PlantedReadBug::LeaseIgnoresOldLeader),
             PlantedBug::FollowerWithoutReadIndex => Some(PlantedReadBug::FollowerReadWithoutIndex),
+            PlantedBug::UnderstatedStaleness => Some(PlantedReadBug::StalenessUnderstated),
             PlantedBug::StaleReadWithoutBarrier | PlantedBug::AckBeforeQuorum => None,
         }
     }
@@ -44,9 +48,10 @@ impl std::str::FromStr for PlantedBug {
             "ack-before-quorum" => Ok(PlantedBug::AckBeforeQuorum),
             "stale-lease" => Ok(PlantedBug::StaleLease),
             "follower-without-read-index" => Ok(PlantedBug::FollowerWithoutReadIndex),
+            "understated-staleness" => Ok(PlantedBug::UnderstatedStaleness),
             other => Err(format!(
-                "unknown planted bug {other:?} (expected stale-read, ack-before-quorum, stale-lease or \
-                 follower-without-read-index)"
+                "unknown planted bug {other:?} (expected stale-read, ack-before-quorum, stale-lease, \
+                 follower-without-read-index or understated-staleness)"
             )),
         }
     }
@@ -59,6 +64,7 @@ impl std::fmt::Display for PlantedBug {
             PlantedBug::AckBeforeQuorum => "ack-before-quorum",
             PlantedBug::StaleLease => "stale-lease",
             PlantedBug::FollowerWithoutReadIndex => "follower-without-read-index",
+            PlantedBug::UnderstatedStaleness => "understated-staleness",
         })
     }
 }
@@ -74,6 +80,7 @@ mod tests {
             PlantedBug::AckBeforeQuorum,
             PlantedBug::StaleLease,
             PlantedBug::FollowerWithoutReadIndex,
+            PlantedBug::UnderstatedStaleness,
         ] {
             assert_eq!(bug.to_string().parse::<PlantedBug>(), Ok(bug));
         }

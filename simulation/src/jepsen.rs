@@ -215,7 +215,8 @@ async fn run_in_runtime(cfg: &JepsenConfig, namespaces: Option<Arc<Namespaces>>)
     cluster.terminate_all().await?;
 
     let history = recorder.take();
-    let judgement = Judgement::of(&history, &states, cfg.duration)?;
+    let stale_reads = recorder.take_stale_reads();
+    let judgement = Judgement::of(&history, &stale_reads, &states, cfg.duration)?;
     Ok(JepsenOutcome {
         history,
         judgement,

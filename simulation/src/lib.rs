@@ -14,6 +14,8 @@
 //!   step budget;
 //! - [`durability`]: no acknowledged write is missing from the final state;
 //! - [`convergence`]: every replica ends with the same state;
+//! - [`staleness`]: `bounded_staleness` and `stale` reads return real values, never older than
+//!   the bound they report;
 //! - [`workload`]: the client processes, the recorder and the judgement, shared by both harnesses;
 //! - [`sim`]: the deterministic simulator (turmoil hosts running the real server and client code,
 //!   the seeded nemesis, the phases of a run);
@@ -32,6 +34,7 @@ pub mod linearizability;
 pub mod model;
 pub mod netns;
 pub mod sim;
+pub mod staleness;
 pub mod workload;
 
 pub use convergence::Divergence;
@@ -39,3 +42,4 @@ pub use durability::{AckedWrite, DurabilityFinding};
 pub use history::{Event, EventKind, History, HistoryError, Op, OpKind, Operation, Value};
 pub use linearizability::{CheckConfig, Report, Verdict};
 pub use model::{Register, RegisterOp, Response};
+pub use staleness::{StaleRead, StalenessFinding};

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use basalt_client::{Client, ClientError, Expect};
+use basalt_client::{Client, ClientError, Expect, ReadMode};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
@@ -32,6 +32,7 @@ use crate::convergence::{self, Divergence};
 use crate::durability::{self, DurabilityFinding};
 use crate::history::{Event, EventKind, History, HistoryError, Op, Value};
 use crate::linearizability::{self, CheckConfig, Report};
+use crate::staleness::{self, StaleRead, StalenessFinding};
 
 /// The value of every key, as one replica or one reader sees it.
 pub type State = BTreeMap<String, Option<String>>;
@@ -40,6 +41,8 @@ pub type State = BTreeMap<String, Option<String>>;
 pub struct Recorder {
     clock: Box<dyn Fn() -> u64 + Send + Sync>,
     inner: Mutex<(History, u64)>,
+    /// Reads in the modes that are not linearizable, for the staleness checker.
+    stale_reads: Mutex<Vec<StaleRead>>,
     /// Operations invoked so far, for an operation-count limit.
     invoked: AtomicU64,
     max_ops: u64,
@@ -51,6 +54,7 @@ impl Recorder {
         Self {
             clock: Box::new(clock),
             inner: Mutex::new((History::new(), 0)),
+            stale_reads: Mutex::new(Vec::new()),
             invoked: AtomicU64::new(0),
             max_ops,
         }
@@ -78,6 +82,16 @@ impl Recorder {
     /// The history recorded so far, leaving an empty one behind.
     pub fn take(&self) -> History {
         std::mem::take(&mut self.inner.lock().0)
+    }
+
+    /// The `bounded_staleness` and `stale` reads recorded so far, leaving none behind.
+    pub fn take_stale_reads(&self) -> Vec<StaleRead> {
+        std::mem::take(&mut self.stale_reads.lock())
+    }
+
+    fn stale_read(&self, read: StaleRead) {
+        self.invoked.fetch_add(1, Ordering::Relaxed);
+        self.stale_reads.lock().push(read);
     }
 }
 
@@ -131,7 +145,31 @@ pub async fn client_process(
         let key = keys[rng.random_range(0..keys.len())].clone();
         let roll: u8 = rng.random_range(0..10);
         n += 1;
-        if roll < read_below {
+        if roll < read_below && !client.read_mode().linearizable() {
+            // Not linearizable by design: judged by the staleness checker, not the history's.
+            let invoke = recorder.now();
+            if let Ok(r) = client.read(Bytes::from(key.clone())).await {
+                let value = r.value.map(|b| String::from_utf8_lossy(&b).into_owned());
+                seen.insert(key.clone(), value.clone());
+                let served = r.served;
+                recorder.stale_read(StaleRead {
+                    process,
+                    key: key.clone(),
+                    invoke,
+                    complete: recorder.now(),
+                    value,
+                    bound: match served {
+                        Some(s) if s.staleness_unknown => None,
+                        Some(s) => Some(s.staleness.unwrap_or(Duration::ZERO)),
+                        None => None,
+                    },
+                    asked: match client.read_mode() {
+                        ReadMode::BoundedStaleness(max) => Some(max),
+                        _ => None,
+                    },
+                });
+            }
+        } else if roll < read_below {
             recorder.record(process, EventKind::Invoke, Op::Read, &key, Value::Nil);
             match client.get(Bytes::from(key.clone())).await {
                 Ok(v) => {
@@ -193,6 +231,10 @@ pub struct Judgement {
     pub durability: Vec<DurabilityFinding>,
     /// Keys on which the replicas ended with different values.
     pub convergence: Vec<Divergence>,
+    /// `bounded_staleness` and `stale` reads that returned something they must not.
+    pub staleness: Vec<StalenessFinding>,
+    /// How many such reads were checked.
+    pub stale_reads: usize,
     /// Operations by final event type: ok, fail, info.
     pub ok: usize,
     pub failed: usize,
@@ -204,8 +246,14 @@ pub struct Judgement {
 impl Judgement {
     /// Runs every checker. `replicas` holds each replica's final state, read after the cluster
     /// healed and every node restarted; `workload` is how long the workload ran, from time 0.
-    pub fn of(history: &History, replicas: &BTreeMap<u64, State>, workload: Duration) -> Result<Self, HistoryError> {
+    pub fn of(
+        history: &History,
+        stale_reads: &[StaleRead],
+        replicas: &BTreeMap<u64, State>,
+        workload: Duration,
+    ) -> Result<Self, HistoryError> {
         let linearizability = linearizability::check(history, &CheckConfig::default())?;
+        let staleness = staleness::check(history, stale_reads);
         // Convergence is checked separately, so for each key any replica's value stands for the
         // final one (with topology changes a node lists only the keys of its own shards).
         let mut final_state = State::new();
@@ -243,6 +291,8 @@ impl Judgement {
             linearizability,
             durability,
             convergence,
+            staleness,
+            stale_reads: stale_reads.len(),
             ok,
             failed,
             unknown,
@@ -252,6 +302,9 @@ impl Judgement {
 
     /// True when every checker passed (a key whose check ran out of budget is not a pass).
     pub fn passed(&self) -> bool {
-        self.linearizability.ok() && self.durability.is_empty() && self.convergence.is_empty()
+        self.linearizability.ok()
+            && self.durability.is_empty()
+            && self.convergence.is_empty()
+            && self.staleness.is_empty()
     }
 }

@@ -7,7 +7,8 @@
 //! - the planted bugs: each is caught on a seed where the same run without the bug passes, so it
 //!   is the bug, not the faults, that the checkers report;
 //! - the CI sample: a fixed range of seeds with every fault kind on, topology changes included,
-//!   on 4 nodes (so replicas can move) with one read-only client, must pass. Set
+//!   on 4 nodes (so replicas can move) with one read-only client and the clients reading in
+//!   every read mode in turn, must pass. Set
 //!   `BASALT_SIM_SEEDS=A..B` to run a different range (the long sweep is documented in the README).
 
 use std::process::Command;
@@ -61,6 +62,13 @@ fn different_seeds_give_different_runs() {
 /// write, so only a client that never writes keeps reading from the deposed leader (as a
 /// dashboard would), which is when a stale read becomes observable.
 fn planted_bug_is_caught(bug: &str, seed: &str) {
+    planted_bug_is_caught_by(bug, seed, "linearizable", "violations=0");
+}
+
+/// As [`planted_bug_is_caught`], with the clients reading in `modes`; `clean` is the part of the
+/// RESULT line that must be gone when the bug is caught (the checker expected to catch it).
+fn planted_bug_is_caught_by(bug: &str, seed: &str, modes: &str, clean: &str) {
+    let modes = format!("--read-modes={modes}");
     let base = [
         "run",
         "--seed",
@@ -71,6 +79,7 @@ fn planted_bug_is_caught(bug: &str, seed: &str) {
         "partition",
         "--readers",
         "1",
+        &modes,
         "--quiet",
     ];
     let (code, out) = basalt_sim(&base);
@@ -81,7 +90,10 @@ fn planted_bug_is_caught(bug: &str, seed: &str) {
     let (code, out) = basalt_sim(&args);
     let line = result_line(&out);
     assert_eq!(code, 1, "the planted {bug} bug is reported as a failed check:\n{out}");
-    assert!(!line.contains("violations=0"), "a linearizability violation: {line}");
+    assert!(
+        !line.contains(clean),
+        "the expected checker caught it ({clean} is gone): {line}"
+    );
 }
 
 #[test]
@@ -94,6 +106,23 @@ fn a_stale_read_by_a_deposed_leader_is_caught() {
 #[test]
 fn a_write_acknowledged_before_a_quorum_has_it_is_caught() {
     planted_bug_is_caught("ack-before-quorum", "1");
+}
+
+#[test]
+fn a_lease_read_that_outlives_the_lease_is_caught() {
+    // Caught on every seed of 1..=4 tried; the same runs with sound lease reads pass.
+    planted_bug_is_caught_by("stale-lease", "1", "lease", "violations=0");
+}
+
+#[test]
+fn a_follower_read_that_skips_the_read_index_is_caught() {
+    planted_bug_is_caught_by("follower-without-read-index", "1", "follower", "violations=0");
+}
+
+#[test]
+fn a_staleness_bound_that_understates_the_age_is_caught() {
+    // The staleness checker's planted bug: a replica cut off from its leader claims to be fresh.
+    planted_bug_is_caught_by("understated-staleness", "1", "bounded:1s,stale", "too_stale=0");
 }
 
 #[test]
@@ -111,6 +140,8 @@ fn the_ci_sample_of_seeds_passes_with_every_fault_on() {
         "4",
         "--readers",
         "1",
+        "--read-modes",
+        "linearizable,lease,follower,bounded:1s,stale",
     ]);
     assert_eq!(code, 0, "failing seeds (each with its replay command):\n{out}");
 }

@@ -41,11 +41,16 @@ use crate::{PeerKind, ReadGrant, ReadMode, Replication, ReplicationError, Role, 
 /// A bug the simulator can plant in the read path, to show that its checkers catch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlantedReadBug {
-    /// Lease reads trust the leader's belief that it leads: no lease expiry, no wait for a
-    /// predecessor's lease, no stop during a transfer. A deposed leader keeps serving.
+    /// Lease reads trust the leader's belief that it leads, as if its lease never ended: no
+    /// expiry (neither this module's nor openraft's), no wait for a predecessor's lease, no stop
+    /// during a transfer. A leader cut off from its quorum keeps serving after the others have
+    /// elected a new one.
     LeaseIgnoresOldLeader,
     /// Follower reads serve whatever the replica has applied, without the leader's read index.
     FollowerReadWithoutIndex,
+    /// A replica reports its staleness as the drift bound alone, whatever its safe time: a
+    /// replica cut off from its leader claims to be fresh.
+    StalenessUnderstated,
 }
 
 /// What lease reads remember about this replica's leadership.
@@ -141,9 +146,6 @@ impl RaftGroup {
         let now = Instant::now();
         let m = self.raft.metrics();
         let m = m.borrow_watched();
-        if self.cfg.planted_read_bug == Some(PlantedReadBug::LeaseIgnoresOldLeader) {
-            return m.state == ServerState::Leader;
-        }
         if !lease_holds(&m, &self.lease, self.usable_lease()) {
             return false;
         }
@@ -156,16 +158,17 @@ impl RaftGroup {
         if self.status().role != Role::Leader {
             return Err(self.not_leader_now());
         }
+        if self.cfg.planted_read_bug == Some(PlantedReadBug::LeaseIgnoresOldLeader) {
+            return Ok(ReadGrant {
+                mode: ReadMode::Lease,
+                applied_index: self.reader.applied_index(),
+                staleness: Staleness::Fresh,
+            });
+        }
         if !self.lease_allows_reads() {
             return self.linearizable().await;
         }
-        let age = if self.cfg.planted_read_bug == Some(PlantedReadBug::LeaseIgnoresOldLeader) {
-            // Any acknowledgement at all, however old (capped by openraft at its lease).
-            None
-        } else {
-            Some(self.usable_lease())
-        };
-        let option = LinearizerOption::new(age, false).with_wait_timeout(Duration::ZERO);
+        let option = LinearizerOption::new(Some(self.usable_lease()), false).with_wait_timeout(Duration::ZERO);
         let linearizer = match self.raft.get_read_linearizer(option).await {
             Ok(l) => l,
             // The lease ran out between the check and openraft's own: a ReadIndex round instead.
@@ -316,6 +319,9 @@ impl RaftGroup {
     /// How old this replica's data may be, by its clock: now minus its safe time, plus the
     /// drift bound. `None` without a safe time.
     pub(crate) fn staleness(&self, applied: u64) -> Option<Duration> {
+        if self.cfg.planted_read_bug == Some(PlantedReadBug::StalenessUnderstated) {
+            return Some(self.cfg.max_clock_drift);
+        }
         let safe = self.closed.safe_time(applied)?;
         let now = self.closed.clock().now_us();
         Some(Duration::from_micros(now.saturating_sub(safe)) + self.cfg.max_clock_drift)

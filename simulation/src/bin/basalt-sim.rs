@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use basalt_client::cli::duration::parse_duration;
+use basalt_client::ReadMode;
 use basalt_server::PlantedBug;
 use basalt_sim::jepsen::{self, JepsenConfig};
 use basalt_sim::linearizability::{self, CheckConfig, Verdict};
@@ -76,9 +77,30 @@ struct SimArgs {
     /// Fault kinds: all, none, or a list of partition, loss, delay, crash, pause, skew, membership.
     #[arg(long, default_value = "all")]
     faults: Faults,
-    /// Plant a bug the checkers must catch: stale-read or ack-before-quorum.
+    /// Plant a bug the checkers must catch: stale-read, ack-before-quorum, stale-lease or
+    /// follower-without-read-index.
     #[arg(long)]
     planted_bug: Option<PlantedBug>,
+    /// Read modes of the client processes, given to them in turn (comma-separated:
+    /// linearizable, lease, follower, bounded:DURATION, stale). Linearizable, lease and follower
+    /// reads go to the linearizability checker; bounded and stale reads to the staleness checker.
+    #[arg(long, default_value = "linearizable", value_parser = parse_read_modes)]
+    read_modes: ReadModes,
+}
+
+/// The `--read-modes` list (a newtype, so clap takes it as one value).
+#[derive(Clone, Debug)]
+struct ReadModes(Vec<ReadMode>);
+
+fn parse_read_modes(s: &str) -> Result<ReadModes, String> {
+    let modes = s
+        .split(',')
+        .map(|m| m.trim().parse::<ReadMode>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if modes.is_empty() {
+        return Err("name at least one read mode".into());
+    }
+    Ok(ReadModes(modes))
 }
 
 impl SimArgs {
@@ -92,6 +114,7 @@ impl SimArgs {
         c.max_ops = self.ops.unwrap_or(u64::MAX);
         c.faults = self.faults;
         c.planted_bug = self.planted_bug;
+        c.read_modes = self.read_modes.0.clone();
         c
     }
 
@@ -111,6 +134,16 @@ impl SimArgs {
         if let Some(bug) = self.planted_bug {
             v.push(format!("--planted-bug={bug}"));
         }
+        let modes: Vec<String> = self
+            .read_modes
+            .0
+            .iter()
+            .map(|m| match m {
+                ReadMode::BoundedStaleness(d) => format!("bounded:{}ms", d.as_millis()),
+                m => m.to_string(),
+            })
+            .collect();
+        v.push(format!("--read-modes={}", modes.join(",")));
         v
     }
 }
@@ -349,19 +382,29 @@ fn print_judgement(j: &Judgement, history: &History) {
         println!("  DIVERGED {divergence}");
     }
     println!("  convergence: {} keys differ between replicas", j.convergence.len());
+    // A stale replica breaks many reads at once: the first few say enough.
+    for finding in j.staleness.iter().take(10) {
+        println!("  TOO STALE {:?}: {}", finding.read, finding.problem);
+    }
+    println!(
+        "  staleness: {} findings in {} bounded/stale reads",
+        j.staleness.len(),
+        j.stale_reads
+    );
 }
 
 /// The one line `run` always prints last, and `sweep` reads back from its children.
 fn result_line(seed: u64, outcome: &sim::SimOutcome) -> String {
     let j = &outcome.judgement;
     format!(
-        "RESULT seed={seed} {} ops={} violations={} unknown_keys={} lost={} diverged={} panics={} history={:016x} trace={:016x}",
+        "RESULT seed={seed} {} ops={} violations={} unknown_keys={} lost={} diverged={} too_stale={} panics={} history={:016x} trace={:016x}",
         if outcome.passed() { "PASS" } else { "FAIL" },
         j.ok + j.failed + j.unknown,
         j.linearizability.violations().len(),
         j.linearizability.unknown().len(),
         j.durability.len(),
         j.convergence.len(),
+        j.staleness.len(),
         outcome.panics.len(),
         outcome.history.hash(),
         outcome.trace_hash,

@@ -34,7 +34,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use basalt_client::{Client, ClientConfig};
+use basalt_client::{Client, ClientConfig, ReadMode};
 use basalt_consensus::clock::SimClock;
 use basalt_consensus::Replication;
 use basalt_server::config::NodeConfig;
@@ -74,6 +74,8 @@ pub struct SimConfig {
     pub planted_bug: Option<PlantedBug>,
     /// Log entries between snapshots: small, so snapshots and compaction happen in a run.
     pub snapshot_threshold: u64,
+    /// The read modes of the client processes, given to them in turn.
+    pub read_modes: Vec<ReadMode>,
 }
 
 impl SimConfig {
@@ -89,10 +91,14 @@ impl SimConfig {
             faults: Faults::all(),
             planted_bug: None,
             snapshot_threshold: 200,
+            read_modes: vec![ReadMode::Linearizable],
         }
     }
 
     fn validate(&self) -> Result<(), SimError> {
+        if self.read_modes.is_empty() {
+            return Err(SimError::Config("name at least one read mode".into()));
+        }
         if !(3..=9).contains(&self.nodes) || self.clients == 0 || self.keys == 0 {
             return Err(SimError::Config(
                 "need 3 to 9 nodes (so one can fail), at least 1 client and 1 key".into(),
@@ -253,7 +259,8 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
     for &id in &ids {
         let engine = MemoryEngine::new();
         let slot = empty_slot();
-        let rate = f64::from(schedule.clock_rates[(id - 1) as usize]) / 1000.0;
+        let lease_reads = cfg.read_modes.contains(&ReadMode::Lease);
+        let rate = f64::from(within_drift_bound(schedule.clock_rates[(id - 1) as usize], lease_reads)) / 1000.0;
         let ncfg = node_config(
             id,
             &initial_cluster,
@@ -313,12 +320,13 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
         };
         let (recorder, keys, endpoints) = (recorder.clone(), keys.clone(), endpoints.clone());
         let seed = cfg.seed.wrapping_add((process + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mode = cfg.read_modes[process as usize % cfg.read_modes.len()];
         sim.client(format!("c{process}"), async move {
             let mut client = Client::connect_with(client_config(endpoints), net::dialer()).await?;
             if topology {
                 client = client.with_keyspace(topology::KEYSPACE);
             }
-            client_process(process, mix, client, &recorder, &keys, seed, until).await;
+            client_process(process, mix, client.with_read_mode(mode), &recorder, &keys, seed, until).await;
             Ok(())
         });
     }
@@ -417,7 +425,8 @@ fn run_on_this_thread(cfg: &SimConfig) -> Result<SimOutcome, SimError> {
     let states = std::mem::replace(&mut *states.lock(), Err(String::new())).map_err(SimError::NoRecovery)?;
 
     let history = recorder.take();
-    let judgement = Judgement::of(&history, &states, workload_end)?;
+    let stale_reads = recorder.take_stale_reads();
+    let judgement = Judgement::of(&history, &stale_reads, &states, workload_end)?;
     let faults = std::mem::take(&mut *log.lock());
     let mut trace = Fnv1a::default();
     let positions: Vec<_> = ids
@@ -475,6 +484,20 @@ fn node_config(
         liveness_timeout: scaled(DEFAULT_LIVENESS_TIMEOUT),
         hibernate_after: scaled(DEFAULT_HIBERNATE_AFTER),
         max_clock_drift: basalt_consensus::raft::DEFAULT_MAX_CLOCK_DRIFT,
+    }
+}
+
+/// A node's clock rate (thousandths), narrowed when lease reads are in the workload to the skew
+/// the drift bound covers: from 0.75x–1.33x to 0.92x–1.08x. Lease reads are only promised while
+/// clocks stay within the bound (docs/read-modes.md), and at these rates a leader's lease (the
+/// 600 ms election timeout less the 100 ms bound, by its clock) ends before any follower's vote
+/// refusal (600 ms by its clock): 600/0.92 - 100 = 552 ms <= 600/1.08 = 555 ms. Narrowing rather
+/// than drawing anew keeps every seed's schedule otherwise the same.
+fn within_drift_bound(rate: u32, lease_reads: bool) -> u32 {
+    match (lease_reads, rate) {
+        (false, r) => r,
+        (true, r) if r < 1000 => 1000 - (1000 - r) * 80 / 250,
+        (true, r) => 1000 + (r - 1000) * 80 / 333,
     }
 }
 

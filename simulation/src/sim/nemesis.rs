@@ -25,8 +25,9 @@
 //!   network-visible effect of a stopped process. (Its timers keep running, unlike a SIGSTOP; the
 //!   Jepsen runner covers real SIGSTOP.)
 //! - `skew`: each node's clock runs at its own rate, 0.75x to 1.33x: its heartbeat and election
-//!   timers scale accordingly. Basalt reads no wall clock for correctness, so rate drift in the
-//!   timers is the form of skew that can matter; lease reads will add a bound on it.
+//!   timers scale accordingly, and its wall clock (closed timestamps) is offset by up to half
+//!   the drift bound. With lease reads in the workload the rates are narrowed to 0.92x–1.08x, the
+//!   skew the configured drift bound covers (see `sim::within_drift_bound`).
 //! - `membership`: remove a node from the group under load, then add it back.
 //! - `topology`: the workload runs on a range keyspace of its own (3 replicas) whose shards an
 //!   operator splits (at a workload key, so the keys really move), merges with their right
