@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use basalt_client::{Client, ClientConfig, ClientError, Sharding};
+use basalt_client::{Client, ClientConfig, ClientError, ReadMode, Sharding};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::idle::IdleArgs;
@@ -25,6 +25,7 @@ use basalt_client::cli::duration::{parse_duration, parse_duration_or_zero};
 const ENTRIES_PER_FSYNC_SUM: &str = "basalt_storage_entries_per_fsync_sum";
 const ENTRIES_PER_FSYNC_COUNT: &str = "basalt_storage_entries_per_fsync_count";
 const FSYNCS_TOTAL: &str = "basalt_storage_fsyncs_total";
+const READS_SERVED: &str = "basalt_reads_served_total";
 const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -142,6 +143,10 @@ pub struct BenchArgs {
     /// (one shard); replicas are min(3, nodes).
     #[arg(long, value_parser = parse_create, requires = "keyspace", value_name = "hash:N|range")]
     pub create: Option<CreateSpec>,
+    /// Read mode of the workload's reads: linearizable, lease, follower, bounded:DURATION or
+    /// stale [default: the keyspace's].
+    #[arg(long, value_name = "MODE")]
+    pub read_mode: Option<ReadMode>,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -227,20 +232,24 @@ impl FsyncCounters {
             entries_per_fsync: (fsyncs > 0.0).then(|| entries / fsyncs),
             fsyncs_per_sec: (after.fsyncs_total - before.fsyncs_total) / window.as_secs_f64(),
             nodes_scraped: nodes,
+            reads_served_per_node: Vec::new(),
         }
     }
 }
 
 /// Scrapes every node; any failure makes the whole reading unusable (see module invariants).
-async fn scrape_all(metrics: &[String]) -> Result<FsyncCounters, String> {
+/// Also returns each node's count of reads served (0 for a node that served none yet).
+async fn scrape_all(metrics: &[String]) -> Result<(FsyncCounters, Vec<f64>), String> {
     let mut total = FsyncCounters::default();
+    let mut reads = Vec::with_capacity(metrics.len());
     for addr in metrics {
         let text = fetch_metrics(addr.as_str())
             .await
             .map_err(|e: ScrapeError| e.to_string())?;
         total = total.add(FsyncCounters::from_exposition(&text).map_err(|e| format!("{addr}: {e}"))?);
+        reads.push(parse_metric(&text, READS_SERVED).unwrap_or(0.0));
     }
-    Ok(total)
+    Ok((total, reads))
 }
 
 /// How long a created keyspace's shards may take to elect their leaders.
@@ -342,10 +351,11 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
     let mut connections = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
         let client = Client::connect(ClientConfig::new(endpoints.clone())).await?;
-        connections.push(match &args.keyspace {
+        let client = match &args.keyspace {
             Some(name) => client.with_keyspace(name.clone()),
             None => client,
-        });
+        };
+        connections.push(client.with_read_mode(args.read_mode.unwrap_or_default()));
     }
     let value = value_of_size(args.value_size, seed);
     if workload.needs_preload() {
@@ -379,10 +389,15 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
         tokio::time::sleep_until(window.until.into()).await;
         let after = scrape_all(&metrics).await;
         match (before, after) {
-            (Ok(before), Ok(after)) => (
-                Some(FsyncCounters::delta(before, after, window.measured(), metrics.len())),
-                None,
-            ),
+            (Ok((before, reads_before)), Ok((after, reads_after))) => {
+                let mut stats = FsyncCounters::delta(before, after, window.measured(), metrics.len());
+                stats.reads_served_per_node = reads_after
+                    .iter()
+                    .zip(&reads_before)
+                    .map(|(a, b)| (a - b).max(0.0).round() as u64)
+                    .collect();
+                (Some(stats), None)
+            }
             (Err(e), _) | (_, Err(e)) => (None, Some(e)),
         }
     };
@@ -399,6 +414,7 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
         shards,
         workload: workload.name().to_string(),
         read_ratio: workload.read_ratio(),
+        read_mode: args.read_mode.map(|m| m.to_string()),
         target,
         clients: args.clients,
         connections: args.connections,

@@ -46,6 +46,9 @@ pub struct ServerStats {
     /// Fsyncs per second, summed over all scraped nodes.
     pub fsyncs_per_sec: f64,
     pub nodes_scraped: usize,
+    /// Reads each scraped node served (from its replicas, in any mode) during the window, in
+    /// the order the nodes were given: how reads spread over the replicas.
+    pub reads_served_per_node: Vec<u64>,
 }
 
 /// One run's result.
@@ -57,6 +60,8 @@ pub struct BenchReport {
     pub shards: Option<u32>,
     pub workload: String,
     pub read_ratio: f64,
+    /// The read mode the workload's reads asked for; `None`: the keyspace's default.
+    pub read_mode: Option<String>,
     /// What was measured, e.g. "local cluster of 3 nodes" or "3 endpoints".
     pub target: String,
     pub clients: usize,
@@ -85,11 +90,14 @@ impl BenchReport {
     }
 
     pub fn render_text(&self) -> String {
-        let workload = if self.workload == "mixed" {
+        let mut workload = if self.workload == "mixed" {
             format!("mixed ({:.0}% reads)", self.read_ratio * 100.0)
         } else {
             self.workload.clone()
         };
+        if let Some(mode) = &self.read_mode {
+            workload += &format!(" ({mode} reads)");
+        }
         let keyspace = match (&self.keyspace, self.shards) {
             (Some(k), Some(n)) => format!(", keyspace {k} ({n} shards)"),
             (Some(k), None) => format!(", keyspace {k}"),
@@ -140,6 +148,15 @@ impl BenchReport {
                     group_thousands(server.fsyncs_per_sec.round() as u64),
                     server.nodes_scraped
                 );
+                let reads: u64 = server.reads_served_per_node.iter().sum();
+                if reads > 0 {
+                    let shares: Vec<String> = server
+                        .reads_served_per_node
+                        .iter()
+                        .map(|n| format!("{:.0} %", *n as f64 * 100.0 / reads as f64))
+                        .collect();
+                    out += &format!("  reads       served per node: {}\n", shares.join(" / "));
+                }
             }
             (None, Some(note)) => out += &format!("  server      n/a ({note})\n"),
             (None, None) => out += "  server      n/a\n",
@@ -195,6 +212,7 @@ mod tests {
             shards: None,
             workload: "mixed".into(),
             read_ratio: 0.5,
+            read_mode: None,
             target: "local cluster of 3 nodes".into(),
             clients: 64,
             connections: 4,
@@ -218,6 +236,7 @@ mod tests {
                 entries_per_fsync: Some(7.456),
                 fsyncs_per_sec: 1_234.4,
                 nodes_scraped: 3,
+                reads_served_per_node: vec![50, 25, 25],
             }),
             server_note: None,
         }

@@ -228,3 +228,43 @@ async fn every_mode_answers_and_says_how_and_the_minority_side_serves_only_stale
         other => panic!("expected the deadline with a freshness error, got {other:?}"),
     }
 }
+
+/// A new leader serves no lease read until the old leader's lease (plus the drift bound) has run
+/// out: right after a transfer its lease reads fall back to ReadIndex and say so; a second later
+/// they are lease reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_waits_out_the_old_lease_before_serving_lease_reads() {
+    let (cluster, _) = start_cluster(3, None).await;
+    let admin = client(&cluster, Duration::from_secs(20)).await;
+    admin.put("k", "v").await.expect("put");
+    let shard = basalt_server::node::DEFAULT_GROUP;
+    let old = settled_shard_leader(&cluster, shard, Duration::from_secs(10)).await;
+    let new = cluster
+        .node_ids()
+        .into_iter()
+        .find(|id| *id != old)
+        .expect("another node");
+    admin.transfer_shard_leader(shard, new).await.expect("transfer");
+    let mut kv = KvClient::connect(format!("http://{}", cluster.endpoint(new).expect("endpoint")))
+        .await
+        .expect("connect");
+    let lease_read = || GetRequest {
+        keyspace: String::new(),
+        key: "k".into(),
+        read: Some(options(ReadMode::Lease)),
+    };
+    let first = kv.get(lease_read()).await.expect("read").into_inner();
+    let info = first.read.expect("read info");
+    assert_eq!(info.node_id, new, "the new leader served it");
+    assert_eq!(
+        PbMode::try_from(info.mode),
+        Ok(PbMode::Linearizable),
+        "inside the old lease the new leader falls back to ReadIndex: {info:?}"
+    );
+    // One lease (600 ms) and the drift bound (100 ms) later, with margin.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let later = kv.get(lease_read()).await.expect("read").into_inner();
+    let info = later.read.expect("read info");
+    assert_eq!(PbMode::try_from(info.mode), Ok(PbMode::Lease), "{info:?}");
+    assert_eq!(later.value.as_deref(), Some(&b"v"[..]));
+}
