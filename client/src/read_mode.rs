@@ -127,6 +127,20 @@ impl FromStr for ReadMode {
     }
 }
 
+/// A keyspace's default read mode as `keyspace list` shows it (`linearizable` when unset, as
+/// the server treats it), for example `bounded_staleness:2000ms`.
+pub(crate) fn default_mode_name(o: Option<&ReadOptions>) -> String {
+    let mode = match o.map(|o| (PbMode::try_from(o.mode), o.max_staleness_ms)) {
+        None | Some((Ok(PbMode::Unspecified | PbMode::Linearizable), _)) => ReadMode::Linearizable,
+        Some((Ok(PbMode::Lease), _)) => ReadMode::Lease,
+        Some((Ok(PbMode::Follower), _)) => ReadMode::Follower,
+        Some((Ok(PbMode::BoundedStaleness), ms)) => ReadMode::BoundedStaleness(Duration::from_millis(ms)),
+        Some((Ok(PbMode::Stale), _)) => ReadMode::Stale,
+        Some((Err(_), _)) => return "unknown".into(),
+    };
+    mode.to_string()
+}
+
 /// How a read was served, as its response says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServedRead {

@@ -11,7 +11,7 @@ use basalt_proto::v1::{ClusterStatusResponse, Keyspace, Member, PlacementStatusR
 use serde::Serialize;
 
 use crate::client::{KeyspaceDescription, ShardMerge, ShardSplit, Sharding};
-use crate::read_mode::ServedRead;
+use crate::read_mode::{default_mode_name, ServedRead};
 
 /// How keys and values are rendered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -346,6 +346,7 @@ struct KeyspaceJson<'a> {
     sharding: String,
     replicas: u32,
     initial_shards: u32,
+    default_read_mode: String,
 }
 
 impl<'a> KeyspaceJson<'a> {
@@ -356,6 +357,7 @@ impl<'a> KeyspaceJson<'a> {
             sharding: sharding_name(ks.sharding),
             replicas: ks.replicas,
             initial_shards: ks.initial_shards,
+            default_read_mode: default_mode_name(ks.default_read.as_ref()),
         }
     }
 }
@@ -430,7 +432,7 @@ impl<'a> ShardJson<'a> {
 pub fn keyspaces_table(keyspaces: &[Keyspace]) -> String {
     let mut sorted: Vec<&Keyspace> = keyspaces.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    let header = ["NAME", "ID", "SHARDING", "REPLICAS", "INITIAL_SHARDS"]
+    let header = ["NAME", "ID", "SHARDING", "REPLICAS", "INITIAL_SHARDS", "READ_MODE"]
         .map(String::from)
         .to_vec();
     let rows: Vec<Vec<String>> = std::iter::once(header)
@@ -441,6 +443,7 @@ pub fn keyspaces_table(keyspaces: &[Keyspace]) -> String {
                 sharding_name(ks.sharding),
                 ks.replicas.to_string(),
                 ks.initial_shards.to_string(),
+                default_mode_name(ks.default_read.as_ref()),
             ]
         }))
         .collect();
@@ -448,7 +451,8 @@ pub fn keyspaces_table(keyspaces: &[Keyspace]) -> String {
 }
 
 /// `keyspace list -o json`: one line,
-/// `{"keyspaces":[{"name","id","sharding","replicas","initial_shards"}]}`, sorted by name.
+/// `{"keyspaces":[{"name","id","sharding","replicas","initial_shards","default_read_mode"}]}`,
+/// sorted by name.
 pub fn keyspaces_json(keyspaces: &[Keyspace]) -> String {
     #[derive(Serialize)]
     struct Doc<'a> {
@@ -611,6 +615,7 @@ pub fn shard_moved_line(from: u64, to: u64, shard: &Shard) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::read_mode::ReadMode;
     use basalt_proto::v1::Replica;
 
     fn status() -> ClusterStatusResponse {
@@ -789,9 +794,9 @@ ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  STATE  APPLIED  BYTES  KEYS
             keyspace("default", 1, Sharding::Range),
         ];
         let expected = "\
-NAME     ID  SHARDING  REPLICAS  INITIAL_SHARDS
-default  1   range     3         1
-orders   2   hash      3         16
+NAME     ID  SHARDING  REPLICAS  INITIAL_SHARDS  READ_MODE
+default  1   range     3         1               linearizable
+orders   2   hash      3         16              linearizable
 ";
         assert_eq!(keyspaces_table(&list), expected);
         let v: serde_json::Value = serde_json::from_str(&keyspaces_json(&list)).expect("output is JSON");
@@ -801,6 +806,10 @@ orders   2   hash      3         16
         assert_eq!(v["keyspaces"][1]["sharding"], "hash");
         assert_eq!(v["keyspaces"][1]["replicas"], 3);
         assert_eq!(v["keyspaces"][1]["initial_shards"], 16);
+        assert_eq!(v["keyspaces"][1]["default_read_mode"], "linearizable");
+        let mut stale = keyspace("feed", 3, Sharding::Range);
+        stale.default_read = ReadMode::BoundedStaleness(std::time::Duration::from_secs(2)).to_pb();
+        assert!(keyspaces_table(&[stale]).contains("bounded_staleness:2000ms"));
     }
 
     #[test]
@@ -810,8 +819,8 @@ orders   2   hash      3         16
             shards: shards().into_iter().filter(|s| s.keyspace == "orders").collect(),
         };
         let expected = "\
-NAME    ID  SHARDING  REPLICAS  INITIAL_SHARDS
-orders  2   range     3         1
+NAME    ID  SHARDING  REPLICAS  INITIAL_SHARDS  READ_MODE
+orders  2   range     3         1               linearizable
 
 ID  KEYSPACE  RANGE  EPOCH  REPLICAS  LEADER  STATE  APPLIED  BYTES  KEYS
 7   orders    ..m    8      1,2,3     -       -      107      4096   12
