@@ -201,3 +201,25 @@ fn regression_a_keyspace_created_at_bootstrap_and_a_moved_replica_are_real() {
         ],
     );
 }
+
+#[test]
+fn regression_a_replica_moved_away_and_back_is_replicated_afresh() {
+    // The node's new replica of a shard was empty while the leader still remembered how far the
+    // replica it had before matched; openraft asserted on the "reverted" log. Found by the CI
+    // sample at `6ef9b02`.
+    regression_seed_passes(
+        "a replica moved away and back",
+        &[
+            "--seed",
+            "12",
+            "--nodes",
+            "4",
+            "--readers",
+            "1",
+            "--duration",
+            "10s",
+            "--faults",
+            "all",
+        ],
+    );
+}
