@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Availability of each read mode on the minority side (docs/read-modes.md): 3 local basaltd
-# nodes, write a key, kill 2 of them, then
-# for 12 s ask the survivor in each mode every 0.5 s (basaltctl --timeout 1s).
+# nodes, write a key, kill 2 of them, then ask the survivor in every mode, 24 rounds 0.5 s apart
+# (basaltctl --timeout 1s, so a refused read takes its whole second). Prints per mode how many
+# reads were answered and refused, and the last staleness bound reported; the full trace is kept.
+# Needs `bc`.
 set -u
 BIN=${BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/basalt/target}/release}
 D=$(mktemp -d)
