@@ -286,3 +286,24 @@ async fn a_new_leader_is_elected_after_the_leader_crashes() {
     c.group(new).read_barrier().await.unwrap();
     assert_eq!(c.group(new).reader().get(b"before").unwrap(), Some(b"1".to_vec()));
 }
+
+/// Raft takes one membership change at a time; concurrent callers (an operator's move and the
+/// placement driver finishing the same move) must each get their change, not an "already
+/// undergoing a configuration change" refusal. CI once failed a manual move on exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_membership_changes_are_applied_one_after_the_other() {
+    let c = TestCluster::start(4, 10_000).await;
+    c.put("before", "1").await.unwrap();
+    let l = c.leader(Duration::from_secs(5)).await;
+    let followers: Vec<u64> = c.nodes.iter().map(|n| n.id).filter(|id| *id != c.nodes[l].id).collect();
+    let (a, b) = (followers[0], followers[1]);
+    let g = c.group(l);
+    let (first, again, other) = tokio::join!(g.remove_member(a), g.remove_member(a), g.remove_member(b));
+    first.expect("removing a");
+    again.expect("removing a again, at the same time");
+    other.expect("removing b, at the same time");
+    let members: Vec<u64> = g.status().members.iter().map(|m| m.id).collect();
+    assert!(!members.contains(&a) && !members.contains(&b), "members: {members:?}");
+    assert_eq!(members.len(), 2, "members: {members:?}");
+    c.put("after", "2").await.unwrap();
+}

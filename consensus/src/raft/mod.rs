@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use basalt_storage::{Engine, GroupCommitWriter, KvStateMachine, RaftLog, ShardState, WriteRequest, WriteResponse};
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::errors::{ChangeMembershipError, ClientWriteError, LinearizableReadError, PreconditionFailed, RaftError};
 use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
 use parking_lot::{Mutex, RwLock};
 
@@ -529,14 +529,9 @@ impl RaftGroup {
         let index = {
             let m = self.raft.metrics();
             let m = m.borrow_watched();
-            m.membership_config.log_id().as_ref().map(|l| l.index)
+            m.membership_config.log_id().as_ref().map_or(0, |l| l.index)
         };
-        self.raft
-            .wait(Some(self.cfg.request_timeout))
-            .applied_index_at_least(index, "the membership is applied")
-            .await
-            .map(|_| ())
-            .map_err(|e| ReplicationError::QuorumUnavailable(format!("waiting for the membership to apply: {e}")))
+        self.wait_applied(index, "the membership").await
     }
 
     /// Waits until this leader has replicated its log through `index` to learner `id`; fails
@@ -585,21 +580,73 @@ impl RaftGroup {
     /// Writes one membership change, both of its steps, on a task of its own: a caller that
     /// gives up (its deadline, a dropped connection) stops waiting but does not stop the change
     /// halfway, in a joint configuration.
+    ///
+    /// Raft takes one membership change at a time, and two callers may well ask at once (an
+    /// operator's `shard move` and the placement driver finishing the same move). A change
+    /// refused because another is in flight waits for that one to apply and is then written
+    /// against the configuration it left. That is safe because every change this group makes is
+    /// stated relative to the current configuration (add these voters, remove those nodes), and
+    /// it is what the refused caller would have got by asking a moment later.
     async fn write_change(&self, change: ChangeMembers<u64, BasicNode>) -> Result<(), ReplicationError> {
+        const ATTEMPTS: usize = 8;
+        for _ in 1..ATTEMPTS {
+            match self.write_change_once(change.clone()).await {
+                Err(Busy::InFlight(index)) => self.wait_applied(index, "the membership change in flight").await?,
+                Err(Busy::Failed(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+        match self.write_change_once(change).await {
+            Ok(()) => Ok(()),
+            Err(Busy::Failed(e)) => Err(e),
+            Err(Busy::InFlight(index)) => Err(ReplicationError::Membership(format!(
+                "another membership change (log index {index}) was still in flight after {ATTEMPTS} attempts"
+            ))),
+        }
+    }
+
+    async fn write_change_once(&self, change: ChangeMembers<u64, BasicNode>) -> Result<(), Busy> {
         let raft = self.raft.clone();
         let task = tokio::spawn(async move { raft.change_membership(change, false).await });
         match task.await {
-            Ok(result) => result.map(|_| ()).map_err(|e| self.write_error(e)),
-            Err(e) => Err(ReplicationError::Stopped(format!(
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(p),
+            )))) => Err(Busy::InFlight(p.membership_log_id.map_or(0, |l| l.index))),
+            // Another caller's change got in between this one's joint and uniform steps. It
+            // was computed from this one's target, so nothing is lost; settle on what it left.
+            Ok(Err(RaftError::APIError(ClientWriteError::PreconditionFailed(
+                PreconditionFailed::LastMembershipLogIdMismatch { actual, .. },
+            )))) => Err(Busy::InFlight(actual.map_or(0, |l| l.index))),
+            Ok(Err(e)) => Err(Busy::Failed(self.write_error(e))),
+            Err(e) => Err(Busy::Failed(ReplicationError::Stopped(format!(
                 "the membership change task ended: {e}"
-            ))),
+            )))),
         }
+    }
+
+    /// Waits until this replica has applied its log through `index`, within the request timeout.
+    async fn wait_applied(&self, index: u64, what: &str) -> Result<(), ReplicationError> {
+        self.raft
+            .wait(Some(self.cfg.request_timeout))
+            .applied_index_at_least(Some(index), what)
+            .await
+            .map(|_| ())
+            .map_err(|e| ReplicationError::QuorumUnavailable(format!("waiting for {what} to apply: {e}")))
     }
 
     async fn change(&self, change: ChangeMembers<u64, BasicNode>) -> Result<(), ReplicationError> {
         self.prepare_change().await?;
         self.write_change(change).await
     }
+}
+
+/// Why one attempt at a membership change did not happen.
+enum Busy {
+    /// Another change, at this log index, is not applied yet; try again once it is.
+    InFlight(u64),
+    /// Anything else, final.
+    Failed(ReplicationError),
 }
 
 fn health_err(health: &GroupHealth, e: basalt_storage::StorageError) -> ReplicationError {
