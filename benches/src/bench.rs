@@ -107,6 +107,15 @@ pub struct BenchArgs {
     /// Keep the local cluster's data and logs in this (new) directory instead of a temporary one.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// An extra argument for every basaltd of --local-cluster, repeatable; for example
+    /// `--basaltd-arg=--split-load=0` keeps the keyspace in one shard while it is read hard.
+    #[arg(
+        long = "basaltd-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        conflicts_with = "endpoints"
+    )]
+    pub basaltd_args: Vec<String>,
     #[arg(long, value_enum, default_value_t = WorkloadArg::Put)]
     pub workload: WorkloadArg,
     /// Fraction of reads in the mixed workload.
@@ -319,6 +328,7 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
         };
         let mut options = LocalClusterOptions::new(args.nodes, basaltd);
         options.base_dir = args.data_dir.clone();
+        options.extra_args = args.basaltd_args.clone();
         eprintln!("starting a local cluster of {} basaltd nodes...", args.nodes);
         let cluster = LocalCluster::start(options).await?;
         eprintln!("  data and logs in {}", cluster.base_dir().display());
@@ -494,6 +504,19 @@ mod tests {
             .unwrap()
             .validate()
             .is_err());
+    }
+
+    #[test]
+    fn basaltd_args_pass_through_to_the_local_cluster_only() {
+        let args = parse(&[
+            "--local-cluster",
+            "--basaltd-arg=--split-load=0",
+            "--basaltd-arg",
+            "--no-rebalance",
+        ])
+        .unwrap();
+        assert_eq!(args.basaltd_args, ["--split-load=0", "--no-rebalance"]);
+        assert!(parse(&["--endpoints", "a:1", "--basaltd-arg=--no-rebalance"]).is_err());
     }
 
     #[test]
