@@ -86,6 +86,10 @@ pub struct ConsensusMetrics {
     pub hibernations: IntCounter,
     /// Sleeping groups woken, by reason.
     pub wakes: IntCounterVec,
+    /// ReadIndex rounds run (leadership confirmations), and the reads they served: the ratio is
+    /// how well concurrent reads share a round (see `raft::read_index`).
+    pub read_index_rounds: IntCounter,
+    pub read_index_reads: IntCounter,
     /// The per-kind children of the four traffic counters, resolved once: the transport updates
     /// them on every message, and a label lookup takes a lock and a hash.
     traffic: std::sync::Arc<[KindCounters; PeerKind::ALL.len()]>,
@@ -127,6 +131,8 @@ impl ConsensusMetrics {
         registry.register(Box::new(m.peer_bytes_received.clone()))?;
         registry.register(Box::new(m.hibernations.clone()))?;
         registry.register(Box::new(m.wakes.clone()))?;
+        registry.register(Box::new(m.read_index_rounds.clone()))?;
+        registry.register(Box::new(m.read_index_reads.clone()))?;
         Ok(m)
     }
 
@@ -173,6 +179,14 @@ impl ConsensusMetrics {
             wakes: IntCounterVec::new(
                 Opts::new("basalt_raft_group_wakes_total", "Sleeping replicas woken, by reason"),
                 &["reason"],
+            )?,
+            read_index_rounds: IntCounter::new(
+                "basalt_read_index_rounds_total",
+                "ReadIndex rounds this node ran as a leader (one quorum confirmation each)",
+            )?,
+            read_index_reads: IntCounter::new(
+                "basalt_read_index_reads_total",
+                "Reads (local and followers') that waited for a ReadIndex round on this node",
             )?,
             traffic,
         };

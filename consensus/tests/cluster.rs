@@ -307,3 +307,34 @@ async fn concurrent_membership_changes_are_applied_one_after_the_other() {
     assert_eq!(members.len(), 2, "members: {members:?}");
     c.put("after", "2").await.unwrap();
 }
+
+/// Concurrent linearizable reads share ReadIndex rounds, and each still sees every write
+/// acknowledged before it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reads_share_read_index_rounds() {
+    let c = TestCluster::start(3, 10_000).await;
+    let l = c.leader(Duration::from_secs(5)).await;
+    let metrics = &c.nodes[l].metrics;
+    for round in 0..5u32 {
+        c.put("k", &round.to_string()).await.unwrap();
+        let g = c.group(l);
+        let reads = (0..64).map(|_| async move {
+            g.read_barrier().await.unwrap();
+            g.reader().get(b"k").unwrap()
+        });
+        for value in futures::future::join_all(reads).await {
+            assert_eq!(
+                value,
+                Some(round.to_string().into_bytes()),
+                "a read missed an acknowledged write"
+            );
+        }
+    }
+    let rounds = metrics.read_index_rounds.get();
+    let reads = metrics.read_index_reads.get();
+    assert_eq!(reads, 5 * 64);
+    assert!(
+        rounds * 4 <= reads,
+        "{reads} reads took {rounds} rounds: they were not coalesced"
+    );
+}

@@ -223,3 +223,28 @@ fn regression_a_replica_moved_away_and_back_is_replicated_afresh() {
         ],
     );
 }
+
+#[test]
+fn regression_a_snapshot_from_before_a_split_does_not_overwrite_the_moved_child() {
+    // Node 4 received replicas of a shard and of its split children (a move) and installed the
+    // parent's snapshot from before the split over the children's newer data; the parent then
+    // applied pre-split writes into the child's range, and node 4 diverged. Found at `862c1b8`
+    // with read-index batching, which changed the run's timing.
+    regression_seed_passes(
+        "a pre-split snapshot over a moved child",
+        &[
+            "--seed",
+            "1",
+            "--nodes",
+            "4",
+            "--readers",
+            "1",
+            "--duration",
+            "10s",
+            "--faults",
+            "all",
+            "--read-modes",
+            "linearizable,lease,follower,bounded:1s,stale",
+        ],
+    );
+}

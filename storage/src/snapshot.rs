@@ -67,6 +67,8 @@ pub struct SnapshotInfo {
     pub applied_meta: Vec<u8>,
     /// File size in bytes.
     pub size: u64,
+    /// The shard the state serves (`None`: nothing was ever applied).
+    pub shard: Option<crate::shard::ShardState>,
 }
 
 /// Writes a snapshot of `group`'s state machine (its applied shard's data, its sessions and its
@@ -130,11 +132,13 @@ fn write_snapshot(engine: &dyn Engine, group: u64, path: &Path, tmp: &Path) -> R
         .map_err(|e| StorageError::io(format!("renaming {} to {}", tmp.display(), path.display()), e))?;
     sync_parent_dir(path)?;
 
-    let (applied_index, applied_meta) = applied.map_or((0, Vec::new()), |a| (a.index, a.meta));
+    let (applied_index, applied_meta, shard) =
+        applied.map_or((0, Vec::new(), None), |a| (a.index, a.meta, Some(a.shard)));
     Ok(SnapshotInfo {
         applied_index,
         applied_meta,
         size,
+        shard,
     })
 }
 
@@ -250,6 +254,7 @@ impl Contents {
             applied_index,
             applied_meta,
             size: self.size,
+            shard: self.applied.as_ref().map(|a| a.shard.clone()),
         }
     }
 }

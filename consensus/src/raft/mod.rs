@@ -16,6 +16,7 @@ pub mod hibernation;
 pub mod log_store;
 pub mod network;
 pub mod peer_service;
+pub mod read_index;
 pub mod reads;
 pub mod state_machine;
 pub mod types;
@@ -29,13 +30,14 @@ use std::time::Duration;
 use basalt_storage::{Engine, GroupCommitWriter, KvStateMachine, RaftLog, ShardState, WriteRequest, WriteResponse};
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ChangeMembershipError, ClientWriteError, LinearizableReadError, PreconditionFailed, RaftError};
-use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use parking_lot::{Mutex, RwLock};
 
 use self::closed_time::{Closed, ClosedTime};
 use self::hibernation::{HibernationConfig, Sleep, SleepCell};
 use self::log_store::LogStore;
-use self::network::{Network, PeerClients};
+use self::network::{Network, PeerClients, SnapshotRenewal};
+use self::read_index::{ReadIndexBatcher, ReadIndexError};
 use self::reads::{LeaseState, PlantedReadBug};
 use self::state_machine::{SnapshotDir, StateMachineStore};
 use self::types::Raft;
@@ -186,6 +188,8 @@ pub struct RaftGroup {
     peers: PeerClients,
     /// What lease reads and closed timestamps remember about this replica's leadership.
     lease: Arc<Mutex<LeaseState>>,
+    /// Coalesces the ReadIndex rounds of linearizable and follower reads.
+    read_index: Arc<ReadIndexBatcher>,
 }
 
 /// The leader side of closed timestamps (see [`closed_time`]): while this replica holds its lease
@@ -264,7 +268,14 @@ impl RaftGroup {
             _ => Sleep::Awake,
         };
         let closed = Arc::new(ClosedTime::new(cfg.clock.clone()));
-        let network = Network::new(cfg.group_id, peers.clone(), metrics.clone(), closed.clone());
+        let renewal = Arc::new(SnapshotRenewal::default());
+        let network = Network::new(
+            cfg.group_id,
+            peers.clone(),
+            metrics.clone(),
+            closed.clone(),
+            renewal.clone(),
+        );
         let openraft_cfg = cfg.openraft_config(sleep == Sleep::Awake)?;
         let raft = Raft::new(cfg.node_id, Arc::new(openraft_cfg), network, log, store)
             .await
@@ -272,6 +283,15 @@ impl RaftGroup {
         let reader = StateReader::new(sm, health.clone());
         let lease = Arc::new(Mutex::new(LeaseState::default()));
         closed.set_closer(closer(&cfg, raft.clone(), reader.clone(), lease.clone()));
+        let read_index = ReadIndexBatcher::new(raft.clone(), metrics.clone());
+        let r = raft.clone();
+        renewal.set(Box::new(move || {
+            let r = r.clone();
+            tokio::spawn(async move {
+                // A stopped group has nobody to send a snapshot to: nothing to report.
+                let _ = r.trigger().snapshot().await;
+            });
+        }));
         Ok(Arc::new(Self {
             reader,
             cfg,
@@ -284,6 +304,7 @@ impl RaftGroup {
             closed,
             peers,
             lease,
+            read_index,
         }))
     }
 
@@ -449,6 +470,24 @@ impl RaftGroup {
             }
             RaftError::APIError(ClientWriteError::PreconditionFailed(e)) => ReplicationError::Membership(e.to_string()),
             RaftError::Fatal(f) => self.fatal(f),
+        }
+    }
+
+    /// The read index of a ReadIndex round that started after this call (shared with the other
+    /// reads waiting then; see [`read_index`]). Does not wait for the local state machine.
+    pub(crate) async fn read_index_round(&self) -> Result<u64, ReplicationError> {
+        match self.read_index.read_index().await {
+            Ok(index) => Ok(index),
+            Err(ReadIndexError::Raft(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(self.not_leader(&f))
+            }
+            Err(ReadIndexError::Raft(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
+                Err(ReplicationError::QuorumUnavailable(q.to_string()))
+            }
+            Err(ReadIndexError::Raft(RaftError::Fatal(f))) => Err(self.fatal(f)),
+            Err(ReadIndexError::Abandoned) => Err(ReplicationError::Stopped(
+                "the read-index round ended without an answer".into(),
+            )),
         }
     }
 
@@ -681,16 +720,11 @@ impl Replication for RaftGroup {
         Box::pin(self.bounded(
             "read barrier",
             async move {
-                match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
-                    Ok(_) => Ok(ReadBarrier {
-                        applied_index: self.reader.applied_index(),
-                    }),
-                    Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(self.not_leader(&f)),
-                    Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q))) => {
-                        Err(ReplicationError::QuorumUnavailable(q.to_string()))
-                    }
-                    Err(RaftError::Fatal(f)) => Err(self.fatal(f)),
-                }
+                let index = self.read_index_round().await?;
+                self.wait_applied(index, "the read index").await?;
+                Ok(ReadBarrier {
+                    applied_index: self.reader.applied_index(),
+                })
             },
             ReplicationError::QuorumUnavailable,
         ))

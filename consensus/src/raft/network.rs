@@ -129,15 +129,56 @@ pub struct Network {
     peers: PeerClients,
     metrics: ConsensusMetrics,
     closed: Arc<ClosedTime>,
+    renewal: Arc<SnapshotRenewal>,
 }
 
 impl Network {
-    pub fn new(group: u64, peers: PeerClients, metrics: ConsensusMetrics, closed: Arc<ClosedTime>) -> Self {
+    pub fn new(
+        group: u64,
+        peers: PeerClients,
+        metrics: ConsensusMetrics,
+        closed: Arc<ClosedTime>,
+        renewal: Arc<SnapshotRenewal>,
+    ) -> Self {
         Self {
             group,
             peers,
             metrics,
             closed,
+            renewal,
+        }
+    }
+}
+
+/// A leader's way to replace a snapshot that a follower refused because the data it holds is
+/// newer than the snapshot (see `PeerService::overlap_conflict`): openraft resends its current
+/// snapshot on every retry, and a group that receives few writes may not build another for a
+/// long time, so the refusal asks for one built now.
+#[derive(Default)]
+pub struct SnapshotRenewal {
+    rebuild: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    last: parking_lot::Mutex<Option<std::time::Instant>>,
+}
+
+impl SnapshotRenewal {
+    /// At most one rebuild per this long: every follower retry refuses again until it is built.
+    const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+    pub(crate) fn set(&self, rebuild: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.rebuild.set(rebuild);
+    }
+
+    fn request(&self) {
+        let now = std::time::Instant::now();
+        {
+            let mut last = self.last.lock();
+            if last.is_some_and(|l| now < l + Self::MIN_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
+        if let Some(rebuild) = self.rebuild.get() {
+            rebuild();
         }
     }
 }
@@ -153,6 +194,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             peers: self.peers.clone(),
             metrics: self.metrics.clone(),
             closed: self.closed.clone(),
+            renewal: self.renewal.clone(),
         }
     }
 }
@@ -164,6 +206,7 @@ pub struct PeerConnection {
     peers: PeerClients,
     metrics: ConsensusMetrics,
     closed: Arc<ClosedTime>,
+    renewal: Arc<SnapshotRenewal>,
 }
 
 fn unreachable<E: std::error::Error + 'static>(e: &E) -> RPCError<TypeConfig> {
@@ -366,6 +409,15 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             Err(s) => {
                 self.metrics.rpc_sent(PeerKind::Snapshot, sent_bytes, 0);
                 self.metrics.snapshot_event("send_failed");
+                if s.code() == tonic::Code::FailedPrecondition {
+                    tracing::info!(
+                        group,
+                        target = self.target,
+                        reason = s.message(),
+                        "snapshot refused; building a newer one"
+                    );
+                    self.renewal.request();
+                }
                 return Err(StreamingError::Network(NetworkError::new(&s)));
             }
         };

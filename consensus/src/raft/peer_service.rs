@@ -64,6 +64,31 @@ pub struct PeerService {
 }
 
 impl PeerService {
+    /// Why a snapshot of `group` serving `shard` must not be installed here, if it must not.
+    ///
+    /// All local replicas write one engine, so installing a snapshot writes its whole range. A
+    /// range another local replica serves at the same or a newer epoch is that replica's: a
+    /// snapshot taken before a split (the parent's, arriving at a node that already holds a
+    /// child moved to it) would overwrite newer data there, and the parent would go on applying
+    /// pre-split writes into it. An older replica that the snapshot's range covers is a
+    /// neighbour this group absorbed, which the install claims (see `ClaimHook`); an older one
+    /// reaching beyond it is a parent that has not applied its split here yet, whose data the
+    /// snapshot would tear. Either conflict is refused: the sender retries, and a snapshot
+    /// built after the split, or this node catching up, removes the overlap.
+    fn overlap_conflict(&self, group: u64, shard: &basalt_storage::ShardState) -> Option<String> {
+        self.registry.all().into_iter().find_map(|g| {
+            let local = g.reader().shard();
+            (g.group_id() != group && snapshot_would_tear(&local, shard)).then(|| {
+                format!(
+                    "snapshot of group {group} (epoch {}) overlaps local group {} (epoch {}), which serves part of its range; retry with a newer snapshot",
+                    shard.epoch,
+                    g.group_id(),
+                    local.epoch
+                )
+            })
+        })
+    }
+
     /// The service of node `node_id`, whose groups do not hibernate.
     pub fn new(node_id: u64, registry: GroupRegistry, metrics: ConsensusMetrics) -> Self {
         Self {
@@ -275,10 +300,18 @@ impl RaftPeer for PeerService {
         let verified = super::blocking::run(move || basalt_storage::read_snapshot_info(&p))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        if let Err(e) = verified {
+        let info = match verified {
+            Ok(info) => info,
+            Err(e) => {
+                remove_quietly(&path).await;
+                group.metrics().snapshot_event("receive_rejected");
+                return Err(Status::data_loss(format!("received snapshot is corrupt: {e}")));
+            }
+        };
+        if let Some(conflict) = info.shard.as_ref().and_then(|s| self.overlap_conflict(group_id, s)) {
             remove_quietly(&path).await;
             group.metrics().snapshot_event("receive_rejected");
-            return Err(Status::data_loss(format!("received snapshot is corrupt: {e}")));
+            return Err(Status::failed_precondition(conflict));
         }
         group.metrics().snapshot_event("received");
         let snapshot = Snapshot {
@@ -370,10 +403,62 @@ async fn receive_chunks(
     Ok(())
 }
 
+/// Whether installing a snapshot serving `incoming` would write over data that the local replica
+/// serving `local` owns (see `PeerService::overlap_conflict`).
+fn snapshot_would_tear(local: &basalt_storage::ShardState, incoming: &basalt_storage::ShardState) -> bool {
+    local.keyspace == incoming.keyspace
+        && local.overlaps(incoming)
+        && (local.epoch >= incoming.epoch || !incoming.covers(local))
+}
+
 /// Removes a rejected incoming snapshot; a failure only leaves a temp file behind.
 async fn remove_quietly(path: &std::path::Path) {
     let owned = path.to_path_buf();
     if let Ok(Err(e)) = super::blocking::run(move || std::fs::remove_file(owned)).await {
         tracing::debug!(error = %e, "could not remove a rejected snapshot file");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_would_tear;
+    use basalt_storage::ShardState;
+
+    fn shard(start: &[u8], end: &[u8], epoch: u64) -> ShardState {
+        ShardState {
+            keyspace: 2,
+            hashed: false,
+            start: start.to_vec(),
+            end: end.to_vec(),
+            epoch,
+            frozen: false,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_may_not_overwrite_a_newer_or_wider_local_replica() {
+        let parent_before_split = shard(b"a", b"z", 1);
+        let left_after_split = shard(b"a", b"m", 2);
+        let child = shard(b"m", b"z", 2);
+        // The case CI found: a parent's snapshot from before its split reaches a node that
+        // already holds the child (moved there): refused.
+        assert!(snapshot_would_tear(&child, &parent_before_split));
+        // The parent's own snapshot after the split does not touch the child's range.
+        assert!(!snapshot_would_tear(&child, &left_after_split));
+        // A child's snapshot reaching a node whose parent has not applied the split yet: the
+        // parent would go on writing pre-split data into the child's range. Refused.
+        assert!(snapshot_would_tear(&parent_before_split, &child));
+        // After a merge: the merged shard's snapshot covers an absorbed neighbour at an older
+        // epoch, which the install claims. Allowed.
+        let merged = shard(b"a", b"z", 3);
+        assert!(!snapshot_would_tear(&child, &merged));
+        assert!(!snapshot_would_tear(&left_after_split, &merged));
+        // Same range, same epoch, another group: never two owners.
+        assert!(snapshot_would_tear(&child, &child.clone()));
+        // Other keyspaces and disjoint ranges never conflict.
+        let mut elsewhere = child.clone();
+        elsewhere.keyspace = 3;
+        assert!(!snapshot_would_tear(&elsewhere, &parent_before_split));
+        assert!(!snapshot_would_tear(&shard(b"0", b"a", 9), &parent_before_split));
     }
 }

@@ -1,8 +1,8 @@
 //! The read modes of a Raft replica: what makes a read in each mode safe to serve from the local
 //! state machine (`docs/read-modes.md` is the user's side of this).
 //!
-//! - **Linearizable**: openraft's ReadIndex: a quorum round confirms leadership, then the state
-//!   machine waits for the read index.
+//! - **Linearizable**: ReadIndex: a quorum round confirms leadership, then the state machine
+//!   waits for the read index. Concurrent reads share rounds ([`super::read_index`]).
 //! - **Lease**: the leader reuses a quorum acknowledgement no older than the lease minus the drift
 //!   bound, with no round trip. The lease is openraft's: followers refuse to vote for
 //!   `election_timeout_max` after they last heard the leader, and the leader counts from when it
@@ -28,7 +28,7 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{LinearizableReadError, RaftError};
 use openraft::raft::linearizable_read::LinearizerOption;
-use openraft::{Instant as _, ReadPolicy, ServerState};
+use openraft::{Instant as _, ServerState};
 use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::time::Instant;
@@ -195,16 +195,7 @@ impl RaftGroup {
         self.touch();
         self.bounded(
             "read index",
-            async {
-                match self.raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
-                    Ok(l) => Ok(l.read_log_id().index()),
-                    Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(self.not_leader(&f)),
-                    Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q))) => {
-                        Err(ReplicationError::QuorumUnavailable(q.to_string()))
-                    }
-                    Err(RaftError::Fatal(f)) => Err(self.fatal(f)),
-                }
-            },
+            self.read_index_round(),
             ReplicationError::QuorumUnavailable,
         )
         .await
