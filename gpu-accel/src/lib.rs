@@ -37,6 +37,8 @@ use std::ops::Range;
 
 pub mod batch;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dispatch;
 pub mod error;
 pub mod frame;
@@ -44,6 +46,8 @@ pub mod metrics;
 
 pub use batch::{peek_batch_len, DecodedBatch, BATCH_HEADER_LEN};
 pub use cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use cuda::CudaBackend;
 pub use dispatch::{BackendChoice, CpuThreads, Dispatcher, DispatcherConfig, DEFAULT_GPU_CROSSOVER_BYTES};
 pub use error::CodecError;
 pub use frame::{CodecId, FRAME_HEADER_LEN, MAX_FRAME_LEN};
