@@ -104,13 +104,16 @@ extern "C" __global__ void crc32_batch(const u8* data, const u64* offsets, const
         partial[t] = ~c;  // the CRC32 of this thread's segment (0 for an empty one)
         __syncthreads();
         if (t == 0) {
-            // crc(A || B) = crc(A) * x^(8 |B|) + crc(B)  (mod P)
+            // crc(A || B) = crc(A) * x^(8 |B|) + crc(B)  (mod P). All segments but the last non-empty
+            // one are `per` bytes long, so their shift is computed once.
+            const u32 full_shift = x_pow_8n(x2k, per);
             u32 crc = partial[0];
             for (u32 s = 1; s < threads; s++) {
                 const u64 s_begin = min_u64(len, per * s);
                 const u64 s_len = min_u64(len, s_begin + per) - s_begin;
                 if (s_len != 0) {
-                    crc = gf2_mulmod(x_pow_8n(x2k, s_len), crc) ^ partial[s];
+                    const u32 shift = s_len == per ? full_shift : x_pow_8n(x2k, s_len);
+                    crc = gf2_mulmod(shift, crc) ^ partial[s];
                 }
             }
             crcs[b] = crc;
