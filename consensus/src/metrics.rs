@@ -12,7 +12,7 @@
 //! `bytes_received` on a healthy network: this is what makes the idle-group benchmark's "bytes/s
 //! per node" a real figure rather than half of one.
 
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{CounterVec, IntCounter, IntCounterVec, Opts, Registry};
 
 /// The kinds of snapshot event counted in `basalt_raft_snapshots_total{event}`.
 pub const SNAPSHOT_EVENTS: [&str; 6] = [
@@ -90,6 +90,10 @@ pub struct ConsensusMetrics {
     /// how well concurrent reads share a round (see `raft::read_index`).
     pub read_index_rounds: IntCounter,
     pub read_index_reads: IntCounter,
+    /// Replication codec work (`raft::frames`): bytes by operation, backend and form (`plain`
+    /// for the uncompressed side, `framed` for what travels), and seconds spent.
+    pub codec_bytes: IntCounterVec,
+    pub codec_seconds: CounterVec,
     /// The per-kind children of the four traffic counters, resolved once: the transport updates
     /// them on every message, and a label lookup takes a lock and a hash.
     traffic: std::sync::Arc<[KindCounters; PeerKind::ALL.len()]>,
@@ -133,6 +137,8 @@ impl ConsensusMetrics {
         registry.register(Box::new(m.wakes.clone()))?;
         registry.register(Box::new(m.read_index_rounds.clone()))?;
         registry.register(Box::new(m.read_index_reads.clone()))?;
+        registry.register(Box::new(m.codec_bytes.clone()))?;
+        registry.register(Box::new(m.codec_seconds.clone()))?;
         Ok(m)
     }
 
@@ -188,6 +194,20 @@ impl ConsensusMetrics {
                 "basalt_read_index_reads_total",
                 "Reads (local and followers') that waited for a ReadIndex round on this node",
             )?,
+            codec_bytes: IntCounterVec::new(
+                Opts::new(
+                    "basalt_replication_codec_bytes_total",
+                    "Bytes through the replication codec, by operation (encode, decode), backend (cpu, gpu) and form (plain: uncompressed; framed: as sent)",
+                ),
+                &["op", "backend", "form"],
+            )?,
+            codec_seconds: CounterVec::new(
+                Opts::new(
+                    "basalt_replication_codec_seconds_total",
+                    "Time spent encoding and decoding replication frames, by operation and backend",
+                ),
+                &["op", "backend"],
+            )?,
             traffic,
         };
         // Every label is exported from the start, at 0, so a dashboard can tell "none yet" from
@@ -219,6 +239,27 @@ impl ConsensusMetrics {
         c.rpcs_received.inc();
         c.bytes_received.inc_by(request as u64);
         c.bytes_sent.inc_by(reply as u64);
+    }
+
+    /// One codec operation: `plain` uncompressed bytes, `framed` bytes as sent, and its time.
+    pub fn codec_work(
+        &self,
+        op: &str,
+        backend: basalt_gpu::BackendKind,
+        plain: usize,
+        framed: usize,
+        took: std::time::Duration,
+    ) {
+        let b = backend.name();
+        self.codec_bytes
+            .with_label_values(&[op, b, "plain"])
+            .inc_by(plain as u64);
+        self.codec_bytes
+            .with_label_values(&[op, b, "framed"])
+            .inc_by(framed as u64);
+        self.codec_seconds
+            .with_label_values(&[op, b])
+            .inc_by(took.as_secs_f64());
     }
 
     pub fn woke(&self, reason: &'static str) {

@@ -112,6 +112,10 @@ pub struct Flags {
     /// `NodeConfig::max_clock_drift`. Every node of a cluster must use the same value.
     #[arg(long, value_name = "MS")]
     pub max_clock_drift: Option<u64>,
+    /// Which backend frames replication traffic: `auto` (a GPU for large batches when one is
+    /// usable, the CPU otherwise), `cpu`, or `gpu` (refuses to start without a usable GPU).
+    #[arg(long, value_name = "auto|cpu|gpu")]
+    pub codec_backend: Option<String>,
 }
 
 /// The same settings as a TOML file.
@@ -135,6 +139,7 @@ pub struct FileConfig {
     pub rebalance: Option<bool>,
     pub hibernate_idle_groups: Option<bool>,
     pub max_clock_drift: Option<u64>,
+    pub codec_backend: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +196,21 @@ pub struct NodeConfig {
     /// clocks differ by more, lease reads may be stale and staleness bounds understated; nothing
     /// else depends on it. Must be below half the minimum election timeout.
     pub max_clock_drift: Duration,
+    /// Which backend the replication codec uses (`consensus::raft::frames`).
+    pub codec_backend: basalt_gpu::BackendChoice,
+}
+
+/// Parses `--codec-backend`.
+fn parse_codec_backend(s: &str) -> Result<basalt_gpu::BackendChoice, ConfigError> {
+    match s {
+        "auto" => Ok(basalt_gpu::BackendChoice::Auto),
+        "cpu" => Ok(basalt_gpu::BackendChoice::Cpu),
+        "gpu" => Ok(basalt_gpu::BackendChoice::Gpu),
+        other => Err(ConfigError::Invalid {
+            field: "codec-backend",
+            reason: format!("{other:?} is not one of auto, cpu, gpu"),
+        }),
+    }
 }
 
 impl NodeConfig {
@@ -365,6 +385,10 @@ impl NodeConfig {
                 ),
             });
         }
+        let codec_backend = match flags.codec_backend.or(file.codec_backend) {
+            Some(s) => parse_codec_backend(&s)?,
+            None => basalt_gpu::BackendChoice::Auto,
+        };
         let placement = PlacementConfig {
             split_bytes,
             split_qps: flags.split_load.or(file.split_load).unwrap_or(defaults.split_qps),
@@ -399,6 +423,7 @@ impl NodeConfig {
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
             hibernate_after: DEFAULT_HIBERNATE_AFTER,
             max_clock_drift,
+            codec_backend,
         })
     }
 }

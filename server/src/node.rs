@@ -20,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_consensus::raft::frames::ReplicationCodec;
 use basalt_consensus::raft::hibernation::Hibernation;
 use basalt_consensus::raft::network::PeerClients;
 use basalt_consensus::raft::peer_service::PeerService;
@@ -79,6 +80,8 @@ pub enum NodeError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("replication codec: {0}")]
+    Codec(#[from] basalt_gpu::CodecError),
 }
 
 pub struct Node {
@@ -188,7 +191,15 @@ impl Node {
             GroupCommitWriter::new(engine.clone(), storage_metrics)
         };
         let consensus_metrics = ConsensusMetrics::new(&metrics.registry)?;
-        let peers = PeerClients::with_dialer(env.dialer);
+        let codec = ReplicationCodec::new(basalt_gpu::DispatcherConfig {
+            choice: cfg.codec_backend,
+            ..basalt_gpu::DispatcherConfig::default()
+        })?;
+        match codec.dispatcher().gpu_unavailable_reason() {
+            None => tracing::info!("replication codec: GPU for large batches, CPU for the rest"),
+            Some(why) => tracing::info!(reason = why, "replication codec: CPU only"),
+        }
+        let peers = PeerClients::with_dialer(env.dialer).with_codec(codec.clone());
 
         let replicas = Replicas::new(
             cfg.clone(),
@@ -263,7 +274,7 @@ impl Node {
             forwarder,
             metrics.clone(),
         );
-        let mut peer = PeerService::new(cfg.node_id, registry.clone(), consensus_metrics.clone());
+        let mut peer = PeerService::new(cfg.node_id, registry.clone(), consensus_metrics.clone()).with_codec(codec);
         if let Some(h) = cfg.hibernation() {
             let h = Hibernation::new(cfg.node_id, h, registry, peers.clone(), consensus_metrics);
             peer = peer.with_hibernation(h.clone());

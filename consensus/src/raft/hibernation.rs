@@ -564,6 +564,7 @@ impl Hibernation {
             group_id: 0,
             crc32: wire::crc(&[&payload]),
             payload: payload.into(),
+            framed: false,
         };
         let sent = msg.encoded_len();
         let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;

@@ -12,6 +12,7 @@
 
 pub mod blocking;
 pub mod closed_time;
+pub mod frames;
 pub mod hibernation;
 pub mod log_store;
 pub mod network;

@@ -30,6 +30,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use super::closed_time::{Closed, ClosedTime};
+use super::frames::ReplicationCodec;
 use super::types::{NodeId, Snapshot, SnapshotFile, TypeConfig, Vote};
 use super::wire;
 use crate::{ConsensusMetrics, PeerKind};
@@ -46,6 +47,7 @@ pub(crate) type RemoteResult<T> = Result<T, String>;
 pub struct PeerClients {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     dialer: Dialer,
+    codec: ReplicationCodec,
 }
 
 impl PeerClients {
@@ -59,7 +61,18 @@ impl PeerClients {
         Self {
             channels: Arc::default(),
             dialer,
+            codec: ReplicationCodec::default(),
         }
+    }
+
+    /// Frames replication traffic with `codec` (the node's configured backend choice).
+    pub fn with_codec(mut self, codec: ReplicationCodec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    pub fn codec(&self) -> &ReplicationCodec {
+        &self.codec
     }
 
     /// The shared channel to `addr`, created on first use. The server also uses it to forward
@@ -222,12 +235,33 @@ impl PeerConnection {
         self.peers.client(&self.addr).map_err(|e| unreachable(&e))
     }
 
-    fn message<T: Serialize>(&self, what: &'static str, req: &T) -> Result<RaftMessage, RPCError<TypeConfig>> {
+    /// The request as it travels: AppendEntries with entries framed by the replication codec
+    /// (see [`super::frames`]), everything else plain with a crc32.
+    fn message<T: Serialize>(
+        &self,
+        kind: PeerKind,
+        what: &'static str,
+        req: &T,
+    ) -> Result<RaftMessage, RPCError<TypeConfig>> {
         let payload = wire::encode(what, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if kind == PeerKind::Append {
+            let framed = self
+                .peers
+                .codec()
+                .encode(kind, &payload, &self.metrics)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            return Ok(RaftMessage {
+                group_id: self.group,
+                crc32: 0,
+                payload: framed.into(),
+                framed: true,
+            });
+        }
         Ok(RaftMessage {
             group_id: self.group,
             crc32: wire::crc(&[&payload]),
             payload: payload.into(),
+            framed: false,
         })
     }
 
@@ -268,7 +302,7 @@ impl PeerConnection {
         F: FnOnce(RaftPeerClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
-        let msg = self.message(what, req)?;
+        let msg = self.message(kind, what, req)?;
         let sent = msg.encoded_len();
         let reply = match send(self.client()?, Self::request(msg, option)).await {
             Ok(r) => r.into_inner(),
@@ -361,25 +395,35 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
         let group = self.group;
         let path = snapshot.snapshot.path.clone();
-        // The reader runs beside the RPC so disk reads overlap with the transfer.
+        let codec = self.peers.codec().clone();
+        let metrics = self.metrics.clone();
+        // The reader runs beside the RPC so disk reads (and framing) overlap with the transfer.
         let reader = tokio::spawn(async move {
             let mut file = super::blocking::run(move || std::fs::File::open(path)).await??;
             let mut offset = 0u64;
             let mut wire_bytes = 0usize;
             let mut meta = Some(meta);
             loop {
-                let (f, buf) = super::blocking::run(move || read_chunk(file)).await??;
+                let (c, m) = (codec.clone(), metrics.clone());
+                let (f, filled, framed) = super::blocking::run(move || {
+                    let (f, buf) = read_chunk(file)?;
+                    let framed = c
+                        .encode(PeerKind::Snapshot, &buf, &m)
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                    Ok::<_, std::io::Error>((f, buf.len(), framed))
+                })
+                .await??;
                 file = f;
-                let filled = buf.len();
                 let done = filled < SNAPSHOT_CHUNK_BYTES;
                 let m = meta.take().unwrap_or_default();
                 let chunk = SnapshotChunk {
                     group_id: group,
-                    crc32: wire::crc(&[&m, &buf]),
+                    crc32: wire::crc(&[&m]),
                     meta: m.into(),
                     offset,
-                    data: buf.into(),
+                    data: framed.into(),
                     done,
+                    framed: true,
                 };
                 offset += filled as u64;
                 wire_bytes += chunk.encoded_len();

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use openraft::raft::{TransferLeaderRequest, VoteRequest};
 use prost::Message as _;
 
+use super::frames::ReplicationCodec;
 use super::hibernation::{Hibernation, LivenessRequest};
 use super::network::{AppendIn, RemoteResult};
 use super::types::{Snapshot, SnapshotFile, SnapshotMeta, TypeConfig, Vote};
@@ -61,6 +62,7 @@ pub struct PeerService {
     registry: GroupRegistry,
     metrics: ConsensusMetrics,
     hibernation: Option<Arc<Hibernation>>,
+    codec: ReplicationCodec,
 }
 
 impl PeerService {
@@ -96,7 +98,14 @@ impl PeerService {
             registry,
             metrics,
             hibernation: None,
+            codec: ReplicationCodec::default(),
         }
+    }
+
+    /// Unframes replication traffic with `codec` (the node's, shared with its `PeerClients`).
+    pub fn with_codec(mut self, codec: ReplicationCodec) -> Self {
+        self.codec = codec;
+        self
     }
 
     /// Serves the liveness exchange of `h` (the node's groups hibernate).
@@ -164,17 +173,25 @@ impl PeerService {
             .ok_or_else(|| Status::not_found(format!("group {id} is not hosted on this node")))
     }
 
-    /// Verifies and decodes a request, looks up its group.
+    /// Verifies and decodes a request (unframing it first if it is framed), looks up its group.
     fn open<T: DeserializeOwned>(&self, what: &'static str, msg: &RaftMessage) -> Result<(Arc<RaftGroup>, T), Status> {
         let group = self.group(msg.group_id)?;
-        let decoded =
-            wire::verify_crc(what, &[&msg.payload], msg.crc32).and_then(|()| wire::decode::<T>(what, &msg.payload));
+        let corrupt = |e: String| {
+            group.metrics().corrupt_messages.inc();
+            Status::data_loss(e)
+        };
+        let decoded = if msg.framed {
+            let plain = self
+                .codec
+                .decode(&msg.payload, &self.metrics)
+                .map_err(|e| corrupt(format!("{what}: {e}")))?;
+            wire::decode::<T>(what, &plain)
+        } else {
+            wire::verify_crc(what, &[&msg.payload], msg.crc32).and_then(|()| wire::decode::<T>(what, &msg.payload))
+        };
         match decoded {
             Ok(v) => Ok((group, v)),
-            Err(e) => {
-                group.metrics().corrupt_messages.inc();
-                Err(Status::data_loss(e.to_string()))
-            }
+            Err(e) => Err(corrupt(e.to_string())),
         }
     }
 
@@ -189,6 +206,7 @@ impl PeerService {
             group_id: group,
             crc32: wire::crc(&[&payload]),
             payload: payload.into(),
+            framed: false,
         }))
     }
 }
@@ -280,7 +298,7 @@ impl RaftPeer for PeerService {
         let group = self.group(first.group_id)?;
         let group_id = first.group_id;
         let (vote, meta): (Vote, SnapshotMeta) = {
-            wire::verify_crc("snapshot chunk", &[&first.meta, &first.data], first.crc32)
+            verify_chunk(&first)
                 .and_then(|()| wire::decode("snapshot meta", &first.meta))
                 .map_err(|e| {
                     group.metrics().snapshot_event("receive_rejected");
@@ -288,7 +306,15 @@ impl RaftPeer for PeerService {
                 })?
         };
         let path = group.snapshot_dir().temp_path("incoming");
-        let received = receive_chunks(&path, group_id, first, &mut stream, &mut size).await;
+        let received = receive_chunks(
+            &path,
+            group_id,
+            first,
+            &mut stream,
+            &mut size,
+            (&self.codec, &self.metrics),
+        )
+        .await;
         if let Err(st) = received {
             remove_quietly(&path).await;
             group.metrics().snapshot_event("receive_rejected");
@@ -355,6 +381,7 @@ async fn receive_chunks(
     first: SnapshotChunk,
     stream: &mut Streaming<SnapshotChunk>,
     wire_bytes: &mut usize,
+    (codec, metrics): (&ReplicationCodec, &ConsensusMetrics),
 ) -> Result<(), Status> {
     let io = |e: std::io::Error| Status::internal(format!("writing received snapshot: {e}"));
     let owned = path.to_path_buf();
@@ -375,18 +402,34 @@ async fn receive_chunks(
             )));
         }
         if expected_offset > 0 {
-            wire::verify_crc("snapshot chunk", &[&chunk.meta, &chunk.data], chunk.crc32)
-                .map_err(|e| Status::data_loss(e.to_string()))?;
+            verify_chunk(&chunk).map_err(|e| {
+                metrics.corrupt_messages.inc();
+                Status::data_loss(e.to_string())
+            })?;
         }
-        let data = chunk.data.clone();
-        file = super::blocking::run(move || {
+        let (data, framed) = (chunk.data.clone(), chunk.framed);
+        let (c, m) = (codec.clone(), metrics.clone());
+        let written = super::blocking::run(move || {
             use std::io::Write;
-            file.write_all(&data).map(|()| file)
+            let plain = if framed {
+                match c.decode(&data, &m) {
+                    Ok(plain) => plain,
+                    Err(e) => return Ok(Err(e)),
+                }
+            } else {
+                data.to_vec()
+            };
+            file.write_all(&plain).map(|()| Ok((file, plain.len())))
         })
         .await
         .and_then(|r| r)
         .map_err(io)?;
-        expected_offset += chunk.data.len() as u64;
+        let (f, len) = written.map_err(|e| {
+            metrics.corrupt_messages.inc();
+            Status::data_loss(format!("snapshot chunk at offset {expected_offset}: {e}"))
+        })?;
+        file = f;
+        expected_offset += len as u64;
         if chunk.done {
             break;
         }
@@ -401,6 +444,16 @@ async fn receive_chunks(
         .and_then(|r| r)
         .map_err(io)?;
     Ok(())
+}
+
+/// Checks a chunk's crc32: over `meta` and `data`, or `meta` alone when `data` is a framed batch
+/// (which carries its own checksums, verified when it is decoded).
+fn verify_chunk(chunk: &SnapshotChunk) -> Result<(), wire::WireError> {
+    if chunk.framed {
+        wire::verify_crc("snapshot chunk", &[&chunk.meta], chunk.crc32)
+    } else {
+        wire::verify_crc("snapshot chunk", &[&chunk.meta, &chunk.data], chunk.crc32)
+    }
 }
 
 /// Whether installing a snapshot serving `incoming` would write over data that the local replica

@@ -260,6 +260,7 @@ impl RaftGroup {
             group_id: self.cfg.group_id,
             crc32: wire::crc(&[&payload]),
             payload: payload.into(),
+            framed: false,
         };
         let sent = msg.encoded_len();
         let mut req = tonic::Request::new(msg);

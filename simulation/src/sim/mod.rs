@@ -484,6 +484,8 @@ fn node_config(
         liveness_timeout: scaled(DEFAULT_LIVENESS_TIMEOUT),
         hibernate_after: scaled(DEFAULT_HIBERNATE_AFTER),
         max_clock_drift: basalt_consensus::raft::DEFAULT_MAX_CLOCK_DRIFT,
+        // Deterministic runs: the CPU, never a device that one machine has and another lacks.
+        codec_backend: basalt_gpu::BackendChoice::Cpu,
     }
 }
 
