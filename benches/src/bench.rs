@@ -15,6 +15,7 @@ use std::time::Duration;
 use basalt_client::{Client, ClientConfig, ClientError, ReadMode, Sharding};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::codec::CodecArgs;
 use crate::idle::IdleArgs;
 use crate::local_cluster::{basaltd_path, ClusterError, LocalCluster, LocalClusterOptions};
 use crate::metrics_scrape::{fetch_metrics, parse_metric, ScrapeError};
@@ -35,7 +36,8 @@ pub enum WorkloadArg {
     Mixed,
 }
 
-/// Closed-loop load generator for Basalt; `idle-groups` measures idle replica groups instead.
+/// Closed-loop load generator for Basalt; `idle-groups` measures idle replica groups instead, and
+/// `codec` the replication codec.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "basalt-bench",
@@ -54,6 +56,9 @@ pub struct Cli {
 pub enum BenchCommand {
     /// Measure what idle replica groups cost each node: memory, CPU and peer traffic.
     IdleGroups(IdleArgs),
+    /// Measure the replication codec: checksum, compression and decompression GB/s per batch size
+    /// and backend (CPU, GPU), the GPU crossover, and compression ratios. Starts no cluster.
+    Codec(CodecArgs),
 }
 
 /// What `--create` makes before the run: a keyspace of one kind with its initial shards.

@@ -9,9 +9,12 @@
 //! - [`metrics_scrape`]: reads Prometheus text metrics over plain HTTP.
 //! - [`workload`], [`report`], [`bench`]: the closed-loop load generator behind `basalt-bench`.
 //! - [`idle`]: `basalt-bench idle-groups`, the cost of idle replica groups per node.
+//! - [`codec`]: `basalt-bench codec`, throughput and compression of the replication codec (`basalt-gpu`)
+//!   per batch size and backend; runs no cluster.
 //! - [`demo`]: the guided failover walkthrough behind `basalt-demo`.
 
 pub mod bench;
+pub mod codec;
 pub mod demo;
 pub mod idle;
 pub mod local_cluster;

@@ -1,6 +1,7 @@
-//! `basalt-bench`: closed-loop load generator for Basalt, and `basalt-bench idle-groups`, the
-//! idle-group cost measurement. The logic lives in [`basalt_bench::bench`] and
-//! [`basalt_bench::idle`]; this file only parses arguments, runs one and prints its report.
+//! `basalt-bench`: closed-loop load generator for Basalt, `basalt-bench idle-groups`, the
+//! idle-group cost measurement, and `basalt-bench codec`, the replication codec's throughput. The
+//! logic lives in [`basalt_bench::bench`], [`basalt_bench::idle`] and [`basalt_bench::codec`];
+//! this file only parses arguments, runs one and prints its report.
 //!
 //! Exit status: 0 when the run measured at least one successful operation, 1 otherwise (an
 //! error, or a run in which every operation failed), so scripts can trust a zero.
@@ -8,11 +9,28 @@
 use std::process::ExitCode;
 
 use basalt_bench::bench::{self, BenchCommand, Cli};
-use basalt_bench::idle;
+use basalt_bench::{codec, idle};
 use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(BenchCommand::Codec(args)) = &cli.command {
+        // No cluster and no async work: runs on this thread (and the codec's own pool).
+        return match codec::run(args) {
+            Ok(report) => {
+                if args.json {
+                    println!("{}", report.to_json());
+                } else {
+                    print!("{}", report.render_text());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("basalt-bench codec: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
