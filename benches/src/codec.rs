@@ -436,56 +436,12 @@ const LAST_NAMES: [&str; 12] = [
 const CITIES: [&str; 10] = [
     "Lyon", "Osaka", "Lagos", "Austin", "Porto", "Leipzig", "Pune", "Quito", "Perth", "Tromso",
 ];
-const WORDS: [&str; 48] = [
-    "order",
-    "shipped",
-    "delayed",
-    "customer",
-    "requested",
-    "refund",
-    "because",
-    "the",
-    "package",
-    "arrived",
-    "damaged",
-    "and",
-    "support",
-    "replied",
-    "within",
-    "two",
-    "days",
-    "with",
-    "a",
-    "new",
-    "tracking",
-    "number",
-    "please",
-    "update",
-    "address",
-    "billing",
-    "invoice",
-    "paid",
-    "pending",
-    "review",
-    "account",
-    "premium",
-    "renewal",
-    "next",
-    "month",
-    "discount",
-    "applied",
-    "to",
-    "cart",
-    "items",
-    "returned",
-    "warehouse",
-    "north",
-    "priority",
-    "standard",
-    "express",
-    "note",
-    "ok",
-];
+/// The words of a text record's free-text note.
+const WORDS: &str =
+    "order shipped delayed customer requested refund because the package arrived damaged and support replied \
+    within two days with a new tracking number please update address billing invoice paid \
+    pending review account premium renewal next month discount applied to cart items returned warehouse \
+    north priority standard express note ok";
 
 /// What one value is made of (a mixed payload picks one per entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -508,6 +464,7 @@ struct MessageGen {
     pending_client: usize,
     entry_prefix: Vec<u8>,
     entries: Vec<u8>,
+    words: Vec<&'static str>,
 }
 
 impl MessageGen {
@@ -524,6 +481,7 @@ impl MessageGen {
             pending_client: 0,
             entry_prefix: Vec::new(),
             entries: Vec::new(),
+            words: WORDS.split_whitespace().collect(),
         }
     }
 
@@ -660,7 +618,7 @@ impl MessageGen {
             r.random_range(0..60u32),
         );
         while self.entries.len() < start + len {
-            let word = WORDS[self.rng.random_range(0..WORDS.len())];
+            let word = self.words[self.rng.random_range(0..self.words.len())];
             self.entries.extend_from_slice(word.as_bytes());
             self.entries.push(b' ');
         }
