@@ -9,10 +9,13 @@
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/basalt/target}"
 
-# True if any libclang shared library is present (an unmatched glob stays literal and fails -e).
+# True if libclang's C library (what bindgen loads) is present: `libclang.so*` or
+# `libclang-<version>.so*`. Not `libclang-cpp.so*`, the C++ interface, which some images carry
+# without the C library and which bindgen cannot use. An unmatched glob stays literal and fails -e.
 have_libclang() {
     local f
-    for f in /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*-linux-gnu/libclang*.so*; do
+    for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+        /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so*; do
         [ -e "$f" ] && return 0
     done
     return 1
