@@ -10,7 +10,9 @@
 //! - decoding: every frame decodes straight into its own disjoint slice of the output, no copies.
 //!
 //! Batches smaller than [`CpuBackend::parallel_threshold`] (default [`DEFAULT_PARALLEL_THRESHOLD`]) run on
-//! the calling thread, because handing work to a pool costs microseconds that a small batch does not repay.
+//! the calling thread, because handing work to a pool costs microseconds that a small batch does not repay;
+//! checksums, far cheaper per byte, have their own, higher threshold
+//! ([`DEFAULT_CHECKSUM_PARALLEL_THRESHOLD`]).
 //! The thread count is fixed at construction: [`CpuBackend::single_threaded`] never uses a pool (so it
 //! measures one core), [`CpuBackend::all_cores`] owns a dedicated rayon pool with one thread per core (not
 //! rayon's global pool, so the codec neither competes with nor depends on other rayon users).
@@ -28,12 +30,17 @@ use rayon::ThreadPool;
 use crate::batch::{finish_batch, frame_count, plan_chunks, scan_batch, scan_frames, Chunk, Scan, ScannedFrame};
 use crate::batch::{DecodedBatch, BATCH_HEADER_LEN};
 use crate::error::CodecError;
-use crate::frame::{decode_payload, encode_frame, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+use crate::frame::{decode_payload, encode_frame, max_frame_len, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 use crate::{Backend, BackendKind};
 
 /// Below this many bytes per batch the CPU backend stays on the calling thread. 256 KiB is about half a
 /// millisecond of LZ4 work on one core, well above the few microseconds it costs to wake a pool.
 pub const DEFAULT_PARALLEL_THRESHOLD: usize = 256 * 1024;
+
+/// Below this many bytes per batch `checksum_batch` stays on the calling thread. CRC32 runs at tens
+/// of GB/s on one core, so a 1 MiB batch takes about 20 µs and waking the pool halved its speed
+/// (55 vs 28 GB/s, `docs/benchmarks.md`); from 16 MiB on the pool was ahead.
+pub const DEFAULT_CHECKSUM_PARALLEL_THRESHOLD: usize = 8 << 20;
 
 /// Default chunk length (bytes per frame) of the CPU backend: 1 MiB. LZ4 only looks 64 KiB back, so
 /// cutting buffers at 1 MiB costs almost no compression, and the frame header adds 24 bytes per MiB.
@@ -42,12 +49,16 @@ pub const DEFAULT_CHUNK_LEN: usize = 1 << 20;
 /// Consecutive chunks are grouped into parallel tasks of at least this many bytes.
 const TASK_BYTES: usize = 64 * 1024;
 
+/// Input bytes encoded per wave of parallel tasks (see `encode_chunks`).
+const WAVE_BYTES: usize = 16 << 20;
+
 /// The CPU backend. Cheap to clone (the pool is shared).
 #[derive(Clone, Debug)]
 pub struct CpuBackend {
     pool: Option<Arc<ThreadPool>>,
     threads: usize,
     parallel_threshold: usize,
+    checksum_parallel_threshold: usize,
     chunk_len: usize,
 }
 
@@ -58,6 +69,7 @@ impl CpuBackend {
             pool: None,
             threads: 1,
             parallel_threshold: DEFAULT_PARALLEL_THRESHOLD,
+            checksum_parallel_threshold: DEFAULT_CHECKSUM_PARALLEL_THRESHOLD,
             chunk_len: DEFAULT_CHUNK_LEN,
         }
     }
@@ -88,9 +100,15 @@ impl CpuBackend {
         })
     }
 
-    /// Sets the batch size (bytes) from which the pool is used.
+    /// Sets the batch size (bytes) from which the pool encodes and decodes.
     pub fn with_parallel_threshold(mut self, bytes: usize) -> Self {
         self.parallel_threshold = bytes;
+        self
+    }
+
+    /// Sets the batch size (bytes) from which the pool computes checksums.
+    pub fn with_checksum_parallel_threshold(mut self, bytes: usize) -> Self {
+        self.checksum_parallel_threshold = bytes;
         self
     }
 
@@ -105,9 +123,14 @@ impl CpuBackend {
         self.threads
     }
 
-    /// Batch size (bytes) from which the pool is used.
+    /// Batch size (bytes) from which the pool encodes and decodes.
     pub fn parallel_threshold(&self) -> usize {
         self.parallel_threshold
+    }
+
+    /// Batch size (bytes) from which the pool computes checksums.
+    pub fn checksum_parallel_threshold(&self) -> usize {
+        self.checksum_parallel_threshold
     }
 
     /// Bytes per frame when encoding.
@@ -140,7 +163,7 @@ impl CpuBackend {
         Ok(DecodedBatch::from_parts(data, ranges))
     }
 
-    /// The pool, if a batch of `bytes` bytes is worth spreading over it.
+    /// The pool, if coding a batch of `bytes` bytes is worth spreading over it.
     fn pool_for(&self, bytes: usize) -> Option<&ThreadPool> {
         self.pool.as_deref().filter(|_| bytes >= self.parallel_threshold)
     }
@@ -154,22 +177,31 @@ impl CpuBackend {
             }
             return;
         };
+        // Groups are encoded in waves of about WAVE_BYTES: the pool encodes a wave's groups into
+        // per-group buffers, which are then appended to `out` in order and reused by the next wave.
+        // Encoding a whole batch at once would keep every group's buffer alive until the end: for a
+        // 1 GiB batch that is 1 GiB of fresh memory to fault in, and all-core encoding fell below one
+        // core at 1 GiB. Reserving (not filling) the worst case up front keeps `out` from being
+        // copied as it grows.
+        out.reserve(chunks.iter().map(|c| max_frame_len(c.data.len())).sum());
         let groups = group_chunks(chunks);
-        let parts: Vec<Vec<u8>> = pool.install(|| {
-            groups
-                .par_iter()
-                .map(|group| {
-                    let mut part = Vec::new();
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        for wave in waves(&groups) {
+            if parts.len() < wave.len() {
+                parts.resize_with(wave.len(), Vec::new);
+            }
+            let parts = &mut parts[..wave.len()];
+            pool.install(|| {
+                wave.par_iter().zip(parts.par_iter_mut()).for_each(|(group, part)| {
+                    part.clear();
                     for chunk in *group {
-                        encode_frame(chunk.data, chunk.continues, &mut part);
+                        encode_frame(chunk.data, chunk.continues, part);
                     }
-                    part
                 })
-                .collect()
-        });
-        out.reserve(parts.iter().map(Vec::len).sum());
-        for part in &parts {
-            out.extend_from_slice(part);
+            });
+            for part in parts.iter() {
+                out.extend_from_slice(part);
+            }
         }
     }
 
@@ -210,6 +242,28 @@ impl CpuBackend {
     }
 }
 
+/// Cuts `groups` into consecutive waves of at least `WAVE_BYTES` input bytes (the last may be
+/// smaller).
+fn waves<'g, 'c, 'a>(groups: &'g [&'c [Chunk<'a>]]) -> impl Iterator<Item = &'g [&'c [Chunk<'a>]]> {
+    let mut rest = groups;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let len = rest
+            .iter()
+            .position(|g| {
+                bytes += g.iter().map(|c| c.data.len()).sum::<usize>();
+                bytes >= WAVE_BYTES
+            })
+            .map_or(rest.len(), |i| i + 1);
+        let (wave, tail) = rest.split_at(len);
+        rest = tail;
+        Some(wave)
+    })
+}
+
 /// Cuts `chunks` into consecutive groups of at least `TASK_BYTES` bytes (the last may be smaller).
 fn group_chunks<'c, 'a>(chunks: &'c [Chunk<'a>]) -> Vec<&'c [Chunk<'a>]> {
     let mut groups = Vec::new();
@@ -234,7 +288,11 @@ impl Backend for CpuBackend {
 
     fn checksum_batch(&self, bufs: &[&[u8]]) -> Result<Vec<u32>, CodecError> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let Some(pool) = self.pool_for(total) else {
+        let pool = self
+            .pool
+            .as_deref()
+            .filter(|_| total >= self.checksum_parallel_threshold);
+        let Some(pool) = pool else {
             return Ok(bufs.iter().map(|b| crc32fast::hash(b)).collect());
         };
         let chunks = plan_chunks(bufs, self.chunk_len);
@@ -289,6 +347,56 @@ mod tests {
         let expected: Vec<usize> = chunks.iter().map(|c| c.data.len()).collect();
         assert_eq!(flat, expected);
         assert!(groups.len() > 1);
+    }
+
+    #[test]
+    fn waves_cover_all_groups_in_order_and_only_the_last_is_short() {
+        let data = vec![3u8; 5 << 20];
+        let bufs: Vec<&[u8]> = (0..9).map(|_| &data[..]).collect();
+        let chunks = plan_chunks(&bufs, DEFAULT_CHUNK_LEN);
+        let groups = group_chunks(&chunks);
+        let waves: Vec<_> = waves(&groups).collect();
+        let bytes = |w: &[&[Chunk<'_>]]| w.iter().flat_map(|g| g.iter()).map(|c| c.data.len()).sum::<usize>();
+        assert_eq!(waves.iter().map(|w| w.len()).sum::<usize>(), groups.len());
+        assert!(waves.len() > 2, "45 MiB in waves of 16 MiB");
+        for wave in &waves[..waves.len() - 1] {
+            assert!(bytes(wave) >= WAVE_BYTES);
+        }
+        let flat: Vec<*const Chunk<'_>> = waves.iter().flat_map(|w| w.iter()).map(|g| g.as_ptr()).collect();
+        let expected: Vec<*const Chunk<'_>> = groups.iter().map(|g| g.as_ptr()).collect();
+        assert_eq!(flat, expected);
+        assert_eq!(super::waves(&[]).count(), 0);
+    }
+
+    #[test]
+    fn a_batch_of_several_waves_encodes_as_on_one_thread() {
+        // Over two waves of mixed compressible and incompressible buffers.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let bufs: Vec<Vec<u8>> = (0..40)
+            .map(|i| {
+                (0..(1 << 20) + i * 777)
+                    .map(|j| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        if i % 2 == 0 {
+                            (j % 61) as u8
+                        } else {
+                            x as u8
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[u8]> = bufs.iter().map(Vec::as_slice).collect();
+        let (mut one, mut all) = (Vec::new(), vec![0xAA; 5]);
+        CpuBackend::single_threaded()
+            .encode_batch(&refs, &mut one)
+            .expect("encodes");
+        let pool = CpuBackend::with_threads(3).expect("thread pool starts");
+        pool.encode_batch(&refs, &mut all).expect("encodes");
+        assert_eq!(&all[..5], &[0xAA; 5], "what `out` held is kept");
+        assert!(all[5..] == one[..], "identical bytes whatever the thread count");
     }
 
     #[test]

@@ -207,14 +207,23 @@ fn le32(b: &[u8; FRAME_HEADER_LEN], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Appends the frame for `chunk` to `out`: LZ4 when that makes it shorter, stored otherwise.
+/// Most bytes the frame of a `len`-byte chunk can take: the header plus LZ4's worst case (which is
+/// never less than the chunk itself, the stored fallback).
+pub(crate) fn max_frame_len(len: usize) -> usize {
+    let payload = if len >= LZ4_MIN_INPUT {
+        lz4_flex::block::get_maximum_output_size(len).max(len)
+    } else {
+        len
+    };
+    FRAME_HEADER_LEN + payload
+}
+
+/// Appends the frame of `chunk` to `out`: LZ4 when that makes it shorter, stored otherwise.
 ///
 /// `chunk` must be at most [`MAX_FRAME_LEN`] bytes; every caller splits buffers into chunks first.
 pub(crate) fn encode_frame(chunk: &[u8], continues: bool, out: &mut Vec<u8>) {
     let raw_len = chunk_len_u32(chunk);
     let raw_crc = crc32fast::hash(chunk);
-    let start = out.len();
-    let payload_start = start + FRAME_HEADER_LEN;
     let mut header = FrameHeader {
         codec: CodecId::Stored,
         continues,
@@ -223,25 +232,30 @@ pub(crate) fn encode_frame(chunk: &[u8], continues: bool, out: &mut Vec<u8>) {
         raw_crc,
         payload_crc: raw_crc,
     };
-    let mut compressed = false;
-    if chunk.len() >= LZ4_MIN_INPUT {
-        out.resize(payload_start + lz4_flex::block::get_maximum_output_size(chunk.len()), 0);
-        // `compress_into` only fails when the output is shorter than `get_maximum_output_size`, which it
-        // is not; should it fail anyway, the chunk is simply stored.
-        if let Ok(n) = lz4_flex::block::compress_into(chunk, &mut out[payload_start..]) {
-            if n < chunk.len() {
-                out.truncate(payload_start + n);
-                header.codec = CodecId::Lz4Block;
-                header.payload_len = chunk_len_u32(&out[payload_start..]);
-                header.payload_crc = crc32fast::hash(&out[payload_start..]);
-                compressed = true;
-            }
+    let start = out.len();
+    let payload_start = start + FRAME_HEADER_LEN;
+    out.resize(start + max_frame_len(chunk.len()), 0);
+    // `compress_into` only fails when the output is shorter than `get_maximum_output_size`, which
+    // `max_frame_len` rules out; should it fail anyway, the chunk is simply stored.
+    let compressed = if chunk.len() >= LZ4_MIN_INPUT {
+        lz4_flex::block::compress_into(chunk, &mut out[payload_start..])
+            .ok()
+            .filter(|&n| n < chunk.len())
+    } else {
+        None
+    };
+    match compressed {
+        Some(n) => {
+            out.truncate(payload_start + n);
+            let payload = &out[payload_start..];
+            header.codec = CodecId::Lz4Block;
+            header.payload_len = chunk_len_u32(payload);
+            header.payload_crc = crc32fast::hash(payload);
         }
-    }
-    if !compressed {
-        out.truncate(start);
-        out.resize(payload_start, 0);
-        out.extend_from_slice(chunk);
+        None => {
+            out.truncate(payload_start);
+            out.extend_from_slice(chunk);
+        }
     }
     out[start..payload_start].copy_from_slice(&header.to_bytes());
 }
@@ -262,6 +276,17 @@ fn chunk_len_u32(chunk: &[u8]) -> u32 {
     chunk.len() as u32
 }
 
+/// `Ok` when `bytes` hash to `stored`; otherwise the error `mismatch` makes of the stored and the
+/// computed CRC.
+fn check_crc(bytes: &[u8], stored: u32, mismatch: impl FnOnce(u32, u32) -> CodecError) -> Result<(), CodecError> {
+    let computed = crc32fast::hash(bytes);
+    if computed == stored {
+        Ok(())
+    } else {
+        Err(mismatch(stored, computed))
+    }
+}
+
 /// Verifies `payload` against `header` and decodes it into `dst`, which is exactly `raw_len` bytes long.
 /// `frame` and `offset` (of the frame's header) only label errors.
 pub(crate) fn decode_payload(
@@ -273,29 +298,26 @@ pub(crate) fn decode_payload(
 ) -> Result<(), CodecError> {
     debug_assert_eq!(payload.len(), header.payload_len as usize);
     debug_assert_eq!(dst.len(), header.raw_len as usize);
+    let data_checksum = |stored, computed| CodecError::DataChecksum {
+        frame,
+        offset,
+        stored,
+        computed,
+    };
     match header.codec {
         CodecId::Stored => {
-            let computed = crc32fast::hash(payload);
-            if computed != header.raw_crc {
-                return Err(CodecError::DataChecksum {
-                    frame,
-                    offset,
-                    stored: header.raw_crc,
-                    computed,
-                });
-            }
+            check_crc(payload, header.raw_crc, data_checksum)?;
             dst.copy_from_slice(payload);
         }
         CodecId::Lz4Block => {
-            let computed = crc32fast::hash(payload);
-            if computed != header.payload_crc {
-                return Err(CodecError::PayloadChecksum {
+            check_crc(payload, header.payload_crc, |stored, computed| {
+                CodecError::PayloadChecksum {
                     frame,
                     offset,
-                    stored: header.payload_crc,
+                    stored,
                     computed,
-                });
-            }
+                }
+            })?;
             let n = lz4_flex::block::decompress_into(payload, dst).map_err(|e| CodecError::Decompress {
                 frame,
                 offset,
@@ -309,15 +331,7 @@ pub(crate) fn decode_payload(
                     actual: n,
                 });
             }
-            let computed = crc32fast::hash(dst);
-            if computed != header.raw_crc {
-                return Err(CodecError::DataChecksum {
-                    frame,
-                    offset,
-                    stored: header.raw_crc,
-                    computed,
-                });
-            }
+            check_crc(dst, header.raw_crc, data_checksum)?;
         }
     }
     Ok(())

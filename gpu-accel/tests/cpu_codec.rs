@@ -20,13 +20,17 @@ fn backends() -> Vec<(&'static str, CpuBackend)> {
         ),
         (
             "4 threads, 1000-byte chunks",
-            pool(4).with_parallel_threshold(0).with_chunk_len(1000),
+            pool(4)
+                .with_parallel_threshold(0)
+                .with_checksum_parallel_threshold(0)
+                .with_chunk_len(1000),
         ),
         (
             "all cores",
             CpuBackend::all_cores()
                 .expect("thread pool starts")
-                .with_parallel_threshold(0),
+                .with_parallel_threshold(0)
+                .with_checksum_parallel_threshold(0),
         ),
     ]
 }
