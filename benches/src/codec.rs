@@ -22,9 +22,9 @@
 //! The crossover is the smallest measured size from which on the GPU encodes faster than all CPU cores
 //! at that size and every larger one.
 //!
-//! The payload ([`generate_batch`]) is a batch of `--buffer-size` buffers (64 KiB by default), each the
-//! postcard encoding of an AppendEntries-like message shaped like Basalt's (openraft's vote, previous
-//! log id, entries and commit index; each entry a `Put` of a `user/NNNNNN` key with a client session),
+//! The payload ([`generate_batch`], in `payload.rs`) is a batch of `--buffer-size` buffers (64 KiB by
+//! default), each the bytes of a real AppendEntries message as Basalt's transport encodes it (the
+//! consensus layer's own types; each entry a `Put` of a `user/NNNNNN` key with a client session),
 //! with values of 128 to 1024 bytes that are random bytes, JSON-like text records, repetitive text, or
 //! a per-entry mix of the three (`--payload`). The compression ratio is reported for every kind.
 //!
@@ -36,14 +36,11 @@
 //!   times the batch size) are dropped before the next size is generated.
 //! - Progress goes to stderr and the report to stdout, so `--json` output can be piped as is.
 
-use std::io::Write as _;
 use std::ops::Range;
 use std::time::Instant;
 
 use basalt_gpu::{Backend, CodecError, CpuBackend};
 use clap::{Args, ValueEnum};
-use rand::rngs::SmallRng;
-use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
 const KIB: u64 = 1 << 10;
@@ -290,375 +287,9 @@ impl CodecArgs {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The payload: AppendEntries-like messages, postcard-encoded.
-// ---------------------------------------------------------------------------------------------
+mod payload;
 
-/// The wire shapes of Basalt's replication messages, mirrored field for field (openraft's
-/// `AppendEntriesRequest` of `Entry<TypeConfig>` whose application data is `basalt_storage::WriteRequest`)
-/// so that postcard encodes them to the same kind of bytes without this crate depending on the server's.
-mod wire {
-    use serde::Serialize;
-
-    #[derive(Serialize, Clone, Copy)]
-    #[cfg_attr(test, derive(serde::Deserialize, Debug, PartialEq))]
-    pub struct LeaderId {
-        pub term: u64,
-        pub node_id: u64,
-    }
-
-    #[derive(Serialize, Clone, Copy)]
-    #[cfg_attr(test, derive(serde::Deserialize, Debug, PartialEq))]
-    pub struct LogId {
-        pub leader_id: LeaderId,
-        pub index: u64,
-    }
-
-    #[derive(Serialize)]
-    #[cfg_attr(test, derive(serde::Deserialize, Debug, PartialEq))]
-    pub struct Vote {
-        pub leader_id: LeaderId,
-        pub committed: bool,
-    }
-
-    #[derive(Serialize)]
-    #[cfg_attr(test, derive(serde::Deserialize, Debug, PartialEq))]
-    pub struct Session {
-        pub client_id: u64,
-        pub sequence: u64,
-        pub acked_through: u64,
-    }
-
-    #[derive(Serialize)]
-    #[cfg_attr(test, derive(serde::Deserialize, Debug, PartialEq))]
-    pub enum Command {
-        Put { key: Vec<u8>, value: Vec<u8> },
-    }
-
-    #[derive(Serialize)]
-    #[cfg_attr(test, derive(serde::Deserialize, Debug, PartialEq))]
-    pub struct WriteRequest {
-        pub session: Option<Session>,
-        pub command: Command,
-    }
-
-    #[derive(Serialize)]
-    #[cfg_attr(test, derive(serde::Deserialize, Debug, PartialEq))]
-    pub enum EntryPayload {
-        /// Never generated; present so that `Normal` has openraft's variant index (1).
-        #[allow(dead_code)]
-        Blank,
-        Normal(WriteRequest),
-    }
-
-    #[derive(Serialize)]
-    #[cfg_attr(test, derive(serde::Deserialize, Debug, PartialEq))]
-    pub struct Entry {
-        pub log_id: LogId,
-        pub payload: EntryPayload,
-    }
-
-    /// The fields of an AppendEntries request before its entries.
-    #[derive(Serialize)]
-    #[cfg_attr(test, derive(serde::Deserialize, Debug, PartialEq))]
-    pub struct Head {
-        pub vote: Vote,
-        pub prev_log_id: Option<LogId>,
-    }
-
-    /// The whole request; the generator writes its encoding piecewise (head, entry count, entries,
-    /// commit index), which is the same bytes, as a test checks.
-    #[cfg(test)]
-    #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
-    pub struct AppendEntries {
-        pub vote: Vote,
-        pub prev_log_id: Option<LogId>,
-        pub entries: Vec<Entry>,
-        pub leader_commit: Option<LogId>,
-    }
-}
-
-/// A generated batch: its buffers back to back in one allocation, and where each one lies.
-#[derive(Clone, Debug, Default)]
-pub struct ReplicationBatch {
-    pub data: Vec<u8>,
-    pub ranges: Vec<Range<usize>>,
-    /// Log entries in all the messages.
-    pub entries: u64,
-}
-
-impl ReplicationBatch {
-    /// The buffers, as the codec takes them.
-    pub fn bufs(&self) -> Vec<&[u8]> {
-        self.ranges.iter().map(|r| &self.data[r.clone()]).collect()
-    }
-
-    /// Total bytes.
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-}
-
-/// Bytes of a postcard (LEB128) varint.
-fn varint_len(mut n: u64) -> usize {
-    let mut len = 1;
-    while n >= 0x80 {
-        n >>= 7;
-        len += 1;
-    }
-    len
-}
-
-fn push_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8 & 0x7f) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-/// An entry must leave at least this much room behind it for a last entry that fills the message
-/// exactly (an entry without its value takes at most about 45 bytes).
-const MIN_FILLER: usize = 64;
-const CLIENTS: usize = 64;
-const REPETITIVE_LINE: &[u8] = b"status=ok;region=eu-west-1;retries=0;flags=none;";
-const FIRST_NAMES: [&str; 16] = [
-    "alice", "bruno", "chen", "dana", "emeka", "fatima", "gus", "hana", "ines", "jonas", "kira", "luca", "mei", "nora",
-    "omar", "priya",
-];
-const LAST_NAMES: [&str; 12] = [
-    "martin", "garcia", "wang", "smith", "okafor", "haddad", "novak", "tanaka", "silva", "muller", "rossi", "kumar",
-];
-const CITIES: [&str; 10] = [
-    "Lyon", "Osaka", "Lagos", "Austin", "Porto", "Leipzig", "Pune", "Quito", "Perth", "Tromso",
-];
-/// The words of a text record's free-text note.
-const WORDS: &str =
-    "order shipped delayed customer requested refund because the package arrived damaged and support replied \
-    within two days with a new tracking number please update address billing invoice paid \
-    pending review account premium renewal next month discount applied to cart items returned warehouse \
-    north priority standard express note ok";
-
-/// What one value is made of (a mixed payload picks one per entry).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ValueKind {
-    Random,
-    Text,
-    Repetitive,
-}
-
-/// Generates AppendEntries-like messages: one leader, a growing log index, 64 clients with sessions.
-struct MessageGen {
-    rng: SmallRng,
-    kind: PayloadKind,
-    term: u64,
-    leader: u64,
-    next_index: u64,
-    /// Each client's id and the sequence number of its last write.
-    clients: [(u64, u64); CLIENTS],
-    /// The client of the entry in `entry_prefix`.
-    pending_client: usize,
-    entry_prefix: Vec<u8>,
-    entries: Vec<u8>,
-    words: Vec<&'static str>,
-}
-
-impl MessageGen {
-    fn new(kind: PayloadKind, seed: u64) -> Self {
-        let mut rng = SmallRng::seed_from_u64(seed);
-        let clients = std::array::from_fn(|_| (rng.random::<u64>(), 0));
-        MessageGen {
-            rng,
-            kind,
-            term: 7,
-            leader: 1,
-            next_index: 1_000_000,
-            clients,
-            pending_client: 0,
-            entry_prefix: Vec::new(),
-            entries: Vec::new(),
-            words: WORDS.split_whitespace().collect(),
-        }
-    }
-
-    fn log_id(&self, index: u64) -> wire::LogId {
-        wire::LogId {
-            leader_id: wire::LeaderId {
-                term: self.term,
-                node_id: self.leader,
-            },
-            index,
-        }
-    }
-
-    /// Appends one message of exactly `target` bytes to `out` (one byte less in the rare case where no
-    /// value length fills it exactly, and more when `target` cannot hold even one entry), and returns
-    /// its number of entries.
-    fn message(&mut self, target: usize, out: &mut Vec<u8>) -> Result<u64, postcard::Error> {
-        let prev = self.log_id(self.next_index - 1);
-        let head = wire::Head {
-            vote: wire::Vote {
-                leader_id: prev.leader_id,
-                committed: true,
-            },
-            prev_log_id: Some(prev),
-        };
-        // The leader's commit index: everything it sent before this message.
-        let commit = Some(prev);
-        let start = out.len();
-        let mut message = postcard::to_extend(&head, std::mem::take(out))?;
-        let head_len = message.len() - start;
-        let tail_len = postcard::to_stdvec(&commit)?.len();
-        let budget = target.saturating_sub(head_len + tail_len);
-        self.entries.clear();
-        let mut count = 0u64;
-        loop {
-            self.entry_prefix()?;
-            let prefix = self.entry_prefix.len();
-            let room = budget.saturating_sub(self.entries.len() + varint_len(count + 2));
-            let natural = self.rng.random_range(VALUE_MIN..=VALUE_MAX);
-            if prefix + varint_len(natural as u64) + natural + MIN_FILLER <= room {
-                self.push_entry(natural);
-                count += 1;
-                continue;
-            }
-            // The last entry: its value fills the message to `target` exactly, when some length does.
-            let room = budget.saturating_sub(self.entries.len() + varint_len(count + 1));
-            let fill = (0..=1).find_map(|short| {
-                let want = room.checked_sub(prefix + short)?;
-                (1..=3).find_map(|width| want.checked_sub(width).filter(|&v| varint_len(v as u64) == width))
-            });
-            if let Some(value_len) = fill {
-                self.push_entry(value_len);
-                count += 1;
-            }
-            break;
-        }
-        push_varint(&mut message, count);
-        message.extend_from_slice(&self.entries);
-        *out = postcard::to_extend(&commit, message)?;
-        Ok(count)
-    }
-
-    /// Encodes the next entry without its value into `entry_prefix`: everything before the value's
-    /// length, the entry's last field.
-    fn entry_prefix(&mut self) -> Result<(), postcard::Error> {
-        self.pending_client = self.rng.random_range(0..CLIENTS);
-        let (client_id, sequence) = self.clients[self.pending_client];
-        let key = format!("user/{:06}", self.rng.random_range(0..1_000_000u32)).into_bytes();
-        let entry = wire::Entry {
-            log_id: self.log_id(self.next_index),
-            payload: wire::EntryPayload::Normal(wire::WriteRequest {
-                session: Some(wire::Session {
-                    client_id,
-                    sequence: sequence + 1,
-                    acked_through: sequence.saturating_sub(self.rng.random_range(0..4)),
-                }),
-                command: wire::Command::Put { key, value: Vec::new() },
-            }),
-        };
-        self.entry_prefix.clear();
-        self.entry_prefix = postcard::to_extend(&entry, std::mem::take(&mut self.entry_prefix))?;
-        // The empty value encodes as one byte (its length, 0): drop it.
-        self.entry_prefix.pop();
-        Ok(())
-    }
-
-    /// Appends the entry whose prefix `entry_prefix` holds, with a value of `len` bytes, and advances the
-    /// log index and the client's sequence number.
-    fn push_entry(&mut self, len: usize) {
-        self.entries.extend_from_slice(&self.entry_prefix);
-        push_varint(&mut self.entries, len as u64);
-        let kind = match self.kind {
-            PayloadKind::Random => ValueKind::Random,
-            PayloadKind::Text => ValueKind::Text,
-            PayloadKind::Repetitive => ValueKind::Repetitive,
-            PayloadKind::Mixed => {
-                [ValueKind::Random, ValueKind::Text, ValueKind::Repetitive][self.rng.random_range(0..3)]
-            }
-        };
-        let start = self.entries.len();
-        match kind {
-            ValueKind::Random => {
-                self.entries.resize(start + len, 0);
-                self.rng.fill_bytes(&mut self.entries[start..]);
-            }
-            ValueKind::Text => self.text_value(len),
-            ValueKind::Repetitive => self.entries.extend(REPETITIVE_LINE.iter().copied().cycle().take(len)),
-        }
-        debug_assert_eq!(self.entries.len(), start + len);
-        self.next_index += 1;
-        self.clients[self.pending_client].1 += 1;
-    }
-
-    /// A JSON-like user record of exactly `len` bytes, appended to `entries`.
-    fn text_value(&mut self, len: usize) {
-        let start = self.entries.len();
-        let r = &mut self.rng;
-        let first = FIRST_NAMES[r.random_range(0..FIRST_NAMES.len())];
-        let last = LAST_NAMES[r.random_range(0..LAST_NAMES.len())];
-        // Writing to a Vec cannot fail.
-        let _ = write!(
-            self.entries,
-            r#"{{"id":{},"user":"user/{:06}","name":"{first} {last}","email":"{first}.{last}@example.com","city":"{}","score":{}.{},"active":{},"created":"2026-{:02}-{:02}T{:02}:{:02}:{:02}Z","note":""#,
-            r.random_range(1..10_000_000u32),
-            r.random_range(0..1_000_000u32),
-            CITIES[r.random_range(0..CITIES.len())],
-            r.random_range(0..100u32),
-            r.random_range(0..10u32),
-            r.random_bool(0.8),
-            r.random_range(1..=12u32),
-            r.random_range(1..=28u32),
-            r.random_range(0..24u32),
-            r.random_range(0..60u32),
-            r.random_range(0..60u32),
-        );
-        while self.entries.len() < start + len {
-            let word = self.words[self.rng.random_range(0..self.words.len())];
-            self.entries.extend_from_slice(word.as_bytes());
-            self.entries.push(b' ');
-        }
-        self.entries.truncate(start + len);
-        if len >= 2 {
-            self.entries[start + len - 2..].copy_from_slice(b"\"}");
-        }
-    }
-}
-
-/// A batch of about `total` bytes of AppendEntries-like messages of `buffer` bytes each (the last one
-/// takes the remainder; a remainder under 1 KiB is added to the message before it), values of `kind`.
-/// Deterministic for a given seed.
-pub fn generate_batch(
-    kind: PayloadKind,
-    total: usize,
-    buffer: usize,
-    seed: u64,
-) -> Result<ReplicationBatch, CodecBenchError> {
-    let buffer = buffer.max(1);
-    let mut targets = vec![buffer; total / buffer];
-    let rest = total % buffer;
-    match targets.last_mut() {
-        Some(last) if rest < MIN_BUFFER as usize => *last += rest,
-        _ if rest > 0 => targets.push(rest),
-        _ => {}
-    }
-    let mut gen = MessageGen::new(kind, seed);
-    let mut batch = ReplicationBatch {
-        data: Vec::with_capacity(total),
-        ranges: Vec::with_capacity(targets.len()),
-        entries: 0,
-    };
-    for target in targets {
-        let start = batch.data.len();
-        batch.entries += gen.message(target, &mut batch.data)?;
-        batch.ranges.push(start..batch.data.len());
-    }
-    Ok(batch)
-}
+pub use payload::{generate_batch, ReplicationBatch};
 
 // ---------------------------------------------------------------------------------------------
 // Timing and measurement.
@@ -1088,11 +719,12 @@ impl CodecReport {
     pub fn render_text(&self) -> String {
         let mut out = format!(
             "basalt-bench codec: payload {} ({}),\n  \
-             in buffers of {} (one postcard-encoded AppendEntries-like message each: Put entries with\n  \
-             keys user/NNNNNN, client sessions and values of {}-{} bytes)\n\
+             in buffers of {} (one AppendEntries message each, encoded as Basalt's transport does: Put\n  \
+             entries with keys user/NNNNNN, client sessions and values of {}-{} bytes)\n\
              GB/s = uncompressed bytes / median time of {} timed sample{} after {} warm-up (1 GB = 10^9 bytes);\n\
              every output checked once per size (checksums against crc32fast, decoded bytes against the input)\n\
-             cpu1 = CPU backend, 1 thread; cpu = CPU backend, {} threads (batches under {} stay on one)\n",
+             cpu1 = CPU backend, 1 thread; cpu = CPU backend, {} threads (batches under {} stay on one;\n  \
+             checksums under {})\n",
             self.payload.name(),
             self.payload_description,
             format_size(self.buffer_bytes as u64),
@@ -1103,6 +735,7 @@ impl CodecReport {
             self.timing.warmup,
             self.cpu_cores,
             format_size(basalt_gpu::cpu::DEFAULT_PARALLEL_THRESHOLD as u64),
+            format_size(basalt_gpu::cpu::DEFAULT_CHECKSUM_PARALLEL_THRESHOLD as u64),
         );
         match (&self.gpu.device, &self.gpu.reason) {
             (Some(device), _) => {
@@ -1338,52 +971,6 @@ mod tests {
         assert_eq!(format_size(GIB), "1 GiB");
         assert_eq!(format_size(1536), "1.5 KiB");
         assert_eq!(format_size(100), "100 B");
-    }
-
-    #[test]
-    fn generated_messages_are_postcard_append_entries_of_exactly_the_buffer_size() {
-        for kind in PayloadKind::ALL {
-            let batch = generate_batch(kind, 256 * 1024 + 3000, 64 * 1024, 1).unwrap();
-            assert_eq!(batch.ranges.len(), 5, "{kind:?}: 4 full buffers and the remainder");
-            let mut entries = 0;
-            let mut index = None;
-            for (i, buf) in batch.bufs().into_iter().enumerate() {
-                let want = if i < 4 { 64 * 1024 } else { 3000 };
-                assert!(
-                    buf.len() == want || buf.len() + 1 == want,
-                    "{kind:?}: buffer {i} is {} bytes",
-                    buf.len()
-                );
-                let (msg, rest): (wire::AppendEntries, _) = postcard::take_from_bytes(buf).unwrap();
-                assert!(rest.is_empty(), "{kind:?}: {} bytes after the message", rest.len());
-                assert_eq!(postcard::to_stdvec(&msg).unwrap(), buf, "re-encodes to the same bytes");
-                assert_eq!(msg.prev_log_id.map(|l| l.index + 1), Some(msg.entries[0].log_id.index));
-                for e in &msg.entries {
-                    if let Some(prev) = index {
-                        assert_eq!(e.log_id.index, prev + 1, "consecutive log indexes");
-                    }
-                    index = Some(e.log_id.index);
-                    let wire::EntryPayload::Normal(req) = &e.payload else {
-                        panic!("a blank entry")
-                    };
-                    let wire::Command::Put { key, value } = &req.command;
-                    assert!(key.starts_with(b"user/") && key.len() == 11, "{key:?}");
-                    assert!(value.len() <= VALUE_MAX);
-                    if kind == PayloadKind::Text && value.len() > 10 {
-                        assert!(value.starts_with(b"{\"id\":") && value.ends_with(b"\"}"));
-                    }
-                }
-                entries += msg.entries.len() as u64;
-            }
-            assert_eq!(entries, batch.entries);
-            assert!(batch.entries > 4 * 64 * 1024 / (VALUE_MAX as u64 + 64), "{kind:?}");
-        }
-        let a = generate_batch(PayloadKind::Mixed, 100_000, 64 * 1024, 9).unwrap();
-        let b = generate_batch(PayloadKind::Mixed, 100_000, 64 * 1024, 9).unwrap();
-        assert_eq!(a.data, b.data, "deterministic for a seed");
-        let small = generate_batch(PayloadKind::Text, 4096, 64 * 1024, 9).unwrap();
-        assert_eq!(small.ranges.len(), 1);
-        assert!((4095..=4096).contains(&small.len()));
     }
 
     #[test]

@@ -121,16 +121,18 @@ fn read_chunk(mut file: std::fs::File) -> std::io::Result<(std::fs::File, Vec<u8
 }
 
 /// AppendEntries as it travels: the request, and the leader's closed timestamp when it can make
-/// one (see [`super::closed_time`]); both under the message's checksum.
+/// one (see [`super::closed_time`]); both under the message's checksum. Its postcard bytes are
+/// what the replication codec frames; public so that `basalt-bench codec` measures the codec on
+/// exactly these bytes rather than on a look-alike.
 #[derive(Serialize)]
-pub(crate) struct AppendOut<'a> {
+pub struct AppendOut<'a> {
     pub rpc: &'a AppendEntriesRequest<TypeConfig>,
     pub closed: Option<Closed>,
 }
 
 /// The receiving side of [`AppendOut`].
 #[derive(serde::Deserialize)]
-pub(crate) struct AppendIn {
+pub struct AppendIn {
     pub rpc: AppendEntriesRequest<TypeConfig>,
     pub closed: Option<Closed>,
 }
