@@ -52,6 +52,8 @@ enum Mode {
     /// Hold no replica of any shard: answer every key-value request with WrongShard naming this
     /// address (none when empty) as the shard's replica. Admin requests are served.
     NoReplica { replica_addr: String },
+    /// Never answer `add_member`, as a leader waiting for a newcomer that is not running.
+    StallAddMember,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -547,6 +549,9 @@ impl Admin for FakeNode {
 
     async fn add_member(&self, _: Request<AddMemberRequest>) -> Result<Response<AddMemberResponse>, Status> {
         self.admit(Seen::Admin("add_member"), Op::Admin, "")?;
+        if matches!(self.mode, Mode::StallAddMember) {
+            std::future::pending::<()>().await;
+        }
         Ok(Response::new(AddMemberResponse { header: self.header() }))
     }
 
@@ -1174,6 +1179,26 @@ async fn basaltctl_commands_against_a_fake_node() {
             .expect("add"),
         ("added member 4 at 10.0.0.4:7379\n".into(), EXIT_OK)
     );
+}
+
+#[tokio::test]
+async fn a_member_add_that_runs_out_of_time_says_how_to_finish_it() {
+    let node = FakeNode::new(1, Mode::StallAddMember);
+    let addr = start(Arc::clone(&node)).await;
+    let mut cfg = config(&[addr]);
+    cfg.deadline = Duration::from_millis(300);
+    let client = Client::connect(cfg).await.expect("valid config");
+    let err = ctl(&client, &["member", "add", "4", "10.0.0.4:7379"])
+        .await
+        .expect_err("the leader never answers");
+    assert!(matches!(err, CliError::MemberAddUnfinished { id: 4, .. }), "{err:?}");
+    assert_eq!(err.exit_code(), EXIT_FAILURE);
+    let message = err.to_string();
+    assert!(message.contains("deadline exceeded"), "{message}");
+    assert!(message.contains("basaltctl member add 4 10.0.0.4:7379"), "{message}");
+    // Other failures of other commands keep their own message.
+    let err = ctl(&client, &["member", "remove", "4"]).await;
+    assert!(!matches!(err, Err(CliError::MemberAddUnfinished { .. })), "{err:?}");
 }
 
 fn pairs(kvs: &[(Bytes, Bytes)]) -> Vec<(&str, &str)> {

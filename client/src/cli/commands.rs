@@ -24,6 +24,7 @@ use crate::cli::format::{
 };
 use crate::cli::scan::{self, KeyRange};
 use crate::client::{Client, Expect};
+use crate::error::ClientError;
 
 /// Runs the parsed command line `cli` through `client` (whose own keyspace is ignored: the key-value
 /// commands use `cli`'s).
@@ -87,10 +88,15 @@ pub async fn execute(client: &Client, cli: &Cli) -> Result<Output, CliError> {
         }
         Command::Member {
             command: MemberCommand::Add { id, addr },
-        } => {
-            client.add_member(*id, addr).await?;
-            Ok(Output::ok(format!("added member {id} at {addr}\n")))
-        }
+        } => match client.add_member(*id, addr).await {
+            Ok(()) => Ok(Output::ok(format!("added member {id} at {addr}\n"))),
+            Err(source @ ClientError::DeadlineExceeded { .. }) => Err(CliError::MemberAddUnfinished {
+                id: *id,
+                addr: addr.clone(),
+                source,
+            }),
+            Err(e) => Err(e.into()),
+        },
         Command::Member {
             command: MemberCommand::Remove { id },
         } => {

@@ -56,6 +56,20 @@ pub enum CliError {
     KeyNotFound(String),
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// `member add` ran out of time. Its outcome is unknown: the leader records the node as a
+    /// learner first and then waits for it to hold the log before making it a voter, so a node
+    /// that is not running yet stays a learner. The message says how to finish the job.
+    #[error(
+        "member add {id} did not finish: {source}; if `basaltctl cluster status` lists node {id}, it \
+         was added as a learner and is waiting to catch up: start it (`basaltd --join`) and run \
+         `basaltctl member add {id} {addr}` again to make it a voter"
+    )]
+    MemberAddUnfinished {
+        id: u64,
+        addr: String,
+        #[source]
+        source: ClientError,
+    },
     /// The server answered something that breaks the protocol's promises.
     #[error("protocol violation by the server: {0}")]
     Protocol(String),
@@ -68,7 +82,10 @@ impl CliError {
         match self {
             CliError::KeyNotFound(_) => EXIT_NEGATIVE,
             CliError::Client(ClientError::InvalidArgument { .. } | ClientError::Config(_)) => EXIT_USAGE,
-            CliError::Client(_) | CliError::Protocol(_) | CliError::Runtime(_) => EXIT_FAILURE,
+            CliError::Client(_)
+            | CliError::MemberAddUnfinished { .. }
+            | CliError::Protocol(_)
+            | CliError::Runtime(_) => EXIT_FAILURE,
         }
     }
 }
