@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use basalt_client::{Client, ClientError, Role};
+use basalt_client::{Client, ClientError};
+use basalt_proto::keycodec::DEFAULT_KEYSPACE_NAME;
 use bytes::Bytes;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -177,8 +178,8 @@ async fn walkthrough(cluster: &LocalCluster, args: &DemoArgs) -> Result<DemoSumm
     );
     let mut acknowledged = write_phase(&client, before, Phase::BeforeCrash, args.clients).await?;
 
-    // The killed node's applied index now is where its catch-up will start from.
-    let killed_at_index = applied_index_of(cluster, leader, leader).await.unwrap_or(0);
+    // The killed node's replicas of the data now are where its catch-up will start from.
+    let killed_at_index = applied_data_entries(cluster, leader).await.unwrap_or(0);
     step(4, &format!("Killing the leader, node {leader}, with SIGKILL"));
     let killed_at = Instant::now();
     cluster.kill(leader)?;
@@ -225,7 +226,7 @@ async fn walkthrough(cluster: &LocalCluster, args: &DemoArgs) -> Result<DemoSumm
     let (catch_up_to, catch_up) = catch_up(cluster, leader).await?;
     let catch_up_entries = catch_up_to.saturating_sub(killed_at_index);
     detail(&format!(
-        "node {leader} went from applied index {} to {} in {}",
+        "node {leader}'s replicas of the data went from {} to {} applied entries in {}",
         group_thousands(killed_at_index),
         group_thousands(catch_up_to),
         format_duration(catch_up)
@@ -522,43 +523,48 @@ async fn verify(client: &Client, acknowledged: Vec<(Bytes, Bytes)>, concurrency:
     Ok(())
 }
 
-/// Node `node`'s applied index as reported by node `asked`, if it answers and knows it.
-async fn applied_index_of(cluster: &LocalCluster, asked: u64, node: u64) -> Option<u64> {
-    let status = cluster.cluster_status(asked).await.ok()?;
-    status
-        .members
-        .iter()
-        .find(|member| member.id == node)
-        .map(|member| member.applied_index)
+/// Entries node `node` has applied in its replicas of the default keyspace's shards (the
+/// demo's data), summed over the shards; `None` if it does not answer.
+async fn applied_data_entries(cluster: &LocalCluster, node: u64) -> Option<u64> {
+    let applied = cluster.applied_by_shard(node, DEFAULT_KEYSPACE_NAME).await.ok()?;
+    Some(applied.values().sum())
 }
 
-/// Polls the leader's view until `node` has applied everything the leader has; returns the
-/// applied index reached and how long it took.
+/// Polls until every replica of the data on `node` has applied as far as the meta leader's
+/// replica of the same shard; returns the entries `node` has then applied (summed over the
+/// shards) and how long it took. The meta group's index would say nothing about the data: the
+/// keys live in the default keyspace's own groups.
 async fn catch_up(cluster: &LocalCluster, node: u64) -> Result<(u64, Duration), DemoError> {
     const STEP: &str = "7 (catch-up)";
     let started = Instant::now();
     let bar = progress_bar(0);
     loop {
         let leader = cluster.wait_for_leader(LEADER_TIMEOUT).await?;
-        let last_observation = match cluster.cluster_status(leader).await {
-            Ok(status) => {
-                let member = |id: u64| status.members.iter().find(|m| m.id == id);
-                match (member(leader), member(node)) {
-                    (Some(lead), Some(me)) if me.role != Role::Unreachable as i32 => {
-                        bar.set_length(lead.applied_index);
-                        bar.set_position(me.applied_index.min(lead.applied_index));
-                        bar.set_message(format!("applied on node {node}"));
-                        if me.applied_index >= lead.applied_index {
-                            bar.finish_and_clear();
-                            return Ok((me.applied_index, started.elapsed()));
-                        }
-                        format!("node {node} at {} of {}", me.applied_index, lead.applied_index)
-                    }
-                    (_, Some(_)) => format!("node {node} is not answering the leader yet"),
-                    (_, None) => format!("node {node} is not a member any more"),
+        let views = (
+            cluster.applied_by_shard(leader, DEFAULT_KEYSPACE_NAME).await,
+            cluster.applied_by_shard(node, DEFAULT_KEYSPACE_NAME).await,
+        );
+        let last_observation = match views {
+            (Ok(lead), Ok(mine)) if !lead.is_empty() => {
+                let target: u64 = lead.values().sum();
+                let reached: u64 = lead
+                    .iter()
+                    .map(|(shard, &to)| mine.get(shard).copied().unwrap_or(0).min(to))
+                    .sum();
+                bar.set_length(target);
+                bar.set_position(reached);
+                bar.set_message(format!("applied on node {node}"));
+                if lead
+                    .iter()
+                    .all(|(shard, &to)| mine.get(shard).is_some_and(|&at| at >= to))
+                {
+                    bar.finish_and_clear();
+                    return Ok((mine.values().sum(), started.elapsed()));
                 }
+                format!("node {node} at {reached} of {target} applied entries")
             }
-            Err(error) => error.to_string(),
+            (Ok(_), Ok(_)) => format!("node {leader} holds no replica of the data"),
+            (Err(error), _) | (_, Err(error)) => error.to_string(),
         };
         if started.elapsed() >= CATCH_UP_TIMEOUT {
             bar.finish_and_clear();

@@ -602,6 +602,22 @@ impl LocalCluster {
             .map_err(|source| ClusterError::Status { id, source })
     }
 
+    /// The index each of node `id`'s own replicas of `keyspace`'s shards has applied, by shard id,
+    /// asked of that node alone. `cluster_status` reports the meta group's indexes; this is where
+    /// the data's progress shows (a listing with figures describes the answering node's replicas).
+    pub async fn applied_by_shard(&self, id: u64, keyspace: &str) -> Result<BTreeMap<u64, u64>, ClusterError> {
+        let client = self.status_client(id).await?;
+        let shards = client
+            .list_shards(Some(keyspace), true)
+            .await
+            .map_err(|source| ClusterError::Status { id, source })?;
+        Ok(shards
+            .into_iter()
+            .filter(|s| s.replicas.iter().any(|r| r.node_id == id))
+            .map(|s| (s.id, s.applied_index))
+            .collect())
+    }
+
     /// Polls every running, unpaused node until one of them says it is the leader, and returns
     /// its id. When several claim leadership (a deposed leader that has not heard the news), the
     /// one reporting the highest term wins.
