@@ -251,6 +251,22 @@ async fn retried_session_write_applies_once() {
     }
 }
 
+/// Waits until node `l` has purged its log through at least `index`. Snapshots are built and the
+/// log purged in the background, so a node reopened before that could catch up from the log and a
+/// test meaning to exercise snapshot catch-up would not (the corruption test failed that way in CI).
+async fn wait_for_purge(c: &TestCluster, l: usize, index: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.group(l).status().purged_index < index {
+        assert!(
+            Instant::now() < deadline,
+            "node {} did not compact its log through {index} (purged through {})",
+            l + 1,
+            c.group(l).status().purged_index
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lagging_replica_catches_up_through_a_snapshot() {
     let mut c = TestCluster::start(3, 40).await;
@@ -262,12 +278,7 @@ async fn lagging_replica_catches_up_through_a_snapshot() {
     }
     let l = c.leader(Duration::from_secs(5)).await;
     let barrier = c.group(l).read_barrier().await.unwrap();
-    // Snapshots are built and the log purged in the background: wait for the purge.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.group(l).status().purged_index == 0 {
-        assert!(Instant::now() < deadline, "the leader never compacted its log");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_purge(&c, l, 1).await;
     c.open(down).await;
     c.wait_applied(down, barrier.applied_index).await;
     let installed = c.nodes[down].metrics.snapshots.with_label_values(&["installed"]).get();
@@ -325,6 +336,9 @@ async fn concurrent_membership_changes_are_applied_one_after_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_reads_share_read_index_rounds() {
     let c = TestCluster::start(3, 10_000).await;
+    // A committed write first, so that `l` is a leader the group settled on, not a candidate's
+    // short-lived win at start-up (a read on a deposed leader fails with NotLeader).
+    c.put("k", "start").await.unwrap();
     let l = c.leader(Duration::from_secs(5)).await;
     let metrics = &c.nodes[l].metrics;
     for round in 0..5u32 {
@@ -377,6 +391,9 @@ async fn corrupted_replication_frames_are_rejected_and_the_cluster_keeps_serving
     for i in 0..200 {
         c.put(&format!("key-{i:04}"), &format!("value-{i}")).await.unwrap();
     }
+    // Well past the entries the crashed node holds, so that it cannot catch up from the log.
+    let l = c.leader(Duration::from_secs(5)).await;
+    wait_for_purge(&c, l, 100).await;
     c.open(down).await;
     for i in 200..300 {
         c.put(&format!("key-{i:04}"), &format!("value-{i}")).await.unwrap();
