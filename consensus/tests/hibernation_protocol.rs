@@ -303,3 +303,29 @@ async fn a_follower_restarted_while_its_group_sleeps_does_not_disturb_it() {
     }
     assert_eq!(c.put("b").await, WriteResponse::Put);
 }
+
+/// A write that reaches the leader of a sleeping group is served by it, at the first attempt:
+/// raw-gRPC clients do not retry, and the server forwards a follower's request to the leader.
+/// (Found as a process-level failure: the first put after ten idle seconds answered "not the
+/// leader; no leader is known yet" on every node.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_write_to_a_sleeping_leader_is_served() {
+    let c = TestCluster::start().await;
+    c.put("a").await;
+    c.all_asleep(Duration::from_secs(5)).await;
+    // Long enough for the leader's quorum-ack lease to run out: no heartbeats while asleep.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let l = c.leader(Duration::from_secs(1)).await;
+    let g = c.nodes[l].group.as_ref().unwrap();
+    let request = WriteRequest {
+        session: None,
+        command: Command::Put {
+            key: b"b".to_vec(),
+            value: b"v".to_vec(),
+        },
+    };
+    assert_eq!(
+        g.propose(request).await.expect("the sleeping leader serves the write"),
+        WriteResponse::Put
+    );
+}

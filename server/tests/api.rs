@@ -5,7 +5,9 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
+use basalt_bench::metrics_scrape::{fetch_metrics, parse_metric_labeled};
 use basalt_proto::v1::admin_client::AdminClient;
 use basalt_proto::v1::compare_and_swap_request::Expected;
 use basalt_proto::v1::kv_client::KvClient;
@@ -396,6 +398,39 @@ async fn a_write_sent_to_a_follower_is_served_and_readable_everywhere() {
                 "node {id} reads the write sent to {other}"
             );
         }
+    }
+    cluster.terminate_all().await.expect("clean shutdown");
+}
+
+/// Once the default shard's group has gone to sleep (hibernation: no heartbeats), the first raw
+/// write sent to any node is served, by the leader or through it. Raw gRPC clients do not retry;
+/// the leader's quorum-ack lease ran out while it slept, and it used to refuse that first write
+/// ("not the leader; no leader is known yet", on every node, the leader included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_write_after_an_idle_spell_is_served_by_every_node() {
+    let (cluster, _) = start_cluster(3, None).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in cluster.node_ids() {
+        let addr = cluster.metrics_addr(id).expect("node exists");
+        loop {
+            let text = fetch_metrics(addr).await.expect("metrics endpoint answers");
+            let state = |s| parse_metric_labeled(&text, "basalt_raft_hibernation_groups", "state", s).unwrap_or(0.0);
+            // The meta group and the default keyspace's shard.
+            if state("quiesced") + state("asleep") >= 2.0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {id}'s groups did not go to sleep");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Past any lease the leader's last heartbeats gave it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in cluster.node_ids() {
+        let mut at = kv(&cluster.endpoint(id).expect("node")).await;
+        let key = format!("after-idle-{id}");
+        at.put(put(key.as_bytes(), b"v".to_vec()))
+            .await
+            .unwrap_or_else(|e| panic!("the first write after the idle spell, sent to node {id}: {e:?}"));
     }
     cluster.terminate_all().await.expect("clean shutdown");
 }

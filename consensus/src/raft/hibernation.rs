@@ -24,7 +24,10 @@
 //!    timer runs while its leader is silent.
 //!
 //! **Waking.** Any client activity on the leader wakes it (ticking resumes; a write's own
-//! AppendEntries then moves the followers' state, which wakes them). A request that reaches a
+//! AppendEntries then moves the followers' state, which wakes them). A woken leader's quorum-ack
+//! lease has run out (it sent no heartbeats), and openraft refuses writes on an expired lease, so
+//! the first write or membership change after a wake confirms leadership with one ReadIndex round
+//! first (`RaftGroup::renew_lease_after_sleep`). A request that reaches a
 //! follower is forwarded to the leader and wakes it there; the follower itself is not woken by
 //! it, since its lease expired long ago and a ticking follower would campaign at once. A replica whose Raft state
 //! moves (term, leader, last log id, commit) wakes, whether a message or the periodic check saw
@@ -217,15 +220,19 @@ impl RaftGroup {
     /// (forwarded), whose writes then move the follower's log and wake it. Waking the follower
     /// here would restart its election timer on a lease that expired long ago, and it would
     /// campaign against a healthy leader.
-    pub(crate) fn touch(&self) {
+    ///
+    /// Returns whether it woke a quiesced leader: one that sent no heartbeats while it slept.
+    pub(crate) fn touch(&self) -> bool {
         if self.hibernation().is_none() {
-            return;
+            return false;
         }
         let mut cell = self.sleep().lock();
         cell.last_activity = Instant::now();
+        let quiesced = matches!(cell.state, Sleep::Quiesced { .. });
         if matches!(cell.state, Sleep::Quiescing { .. } | Sleep::Quiesced { .. }) {
             self.set_state(&mut cell, Sleep::Awake, "activity");
         }
+        quiesced
     }
 
     /// Moves to `next`, switching openraft's tick when ticking changes. A replica that stops

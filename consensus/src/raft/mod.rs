@@ -476,6 +476,18 @@ impl RaftGroup {
 
     /// The read index of a ReadIndex round that started after this call (shared with the other
     /// reads waiting then; see [`read_index`]). Does not wait for the local state machine.
+    /// Renews the quorum-ack lease of a leader that `touch` just woke, before it writes. A
+    /// sleeping leader sends no heartbeats, so its lease runs out, and openraft refuses writes on
+    /// an expired lease (`ForwardToLeader` with reason `LeaseExpired` and no leader to name: raw
+    /// clients got "no leader is known yet" on their first write after an idle spell). One
+    /// ReadIndex round confirms leadership with a quorum and so renews the lease; it costs a round
+    /// trip on that first write only. Its error is left to the write, which reports its own.
+    async fn renew_lease_after_sleep(&self, woke: bool) {
+        if woke {
+            let _ = self.read_index_round().await;
+        }
+    }
+
     pub(crate) async fn read_index_round(&self) -> Result<u64, ReplicationError> {
         match self.read_index.read_index().await {
             Ok(index) => Ok(index),
@@ -702,10 +714,11 @@ impl Replication for RaftGroup {
     }
 
     fn propose(&self, request: WriteRequest) -> BoxFuture<'_, Result<WriteResponse, ReplicationError>> {
-        self.touch();
+        let woke = self.touch();
         Box::pin(self.bounded(
             "write",
             async move {
+                self.renew_lease_after_sleep(woke).await;
                 self.raft
                     .client_write(request)
                     .await
@@ -740,8 +753,9 @@ impl Replication for RaftGroup {
     }
 
     fn add_member(&self, id: u64, addr: String) -> BoxFuture<'_, Result<(), ReplicationError>> {
-        self.touch();
+        let woke = self.touch();
         Box::pin(async move {
+            self.renew_lease_after_sleep(woke).await;
             self.health.check()?;
             // Only the leader may judge "already a member": a removed node still lists itself,
             // and answering from its view told the simulator's operator that a node was back
@@ -774,10 +788,11 @@ impl Replication for RaftGroup {
     }
 
     fn remove_member(&self, id: u64) -> BoxFuture<'_, Result<(), ReplicationError>> {
-        self.touch();
+        let woke = self.touch();
         Box::pin(self.bounded(
             "remove member",
             async move {
+                self.renew_lease_after_sleep(woke).await;
                 self.prepare_change().await?;
                 let (voters, nodes) = self.membership();
                 if !nodes.contains_key(&id) {
