@@ -25,7 +25,7 @@
 use std::ops::Range;
 
 use crate::error::CodecError;
-use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
+use crate::frame::{seal_header, verified_header, FrameHeader, FRAME_HEADER_LEN};
 
 /// First byte of every batch.
 pub const BATCH_MAGIC: u8 = 0xB6;
@@ -47,39 +47,13 @@ impl BatchHeader {
         b[0] = BATCH_MAGIC;
         b[4..8].copy_from_slice(&self.frame_count.to_le_bytes());
         b[8..16].copy_from_slice(&self.body_len.to_le_bytes());
-        let crc = crc32fast::hash(&b[..16]);
-        b[16..20].copy_from_slice(&crc.to_le_bytes());
+        seal_header(&mut b);
         b
     }
 
     /// Parses and verifies the batch header at the start of `input`. Does not look at the body.
     pub fn parse(input: &[u8]) -> Result<Self, CodecError> {
-        let Some(b) = input.first_chunk::<BATCH_HEADER_LEN>() else {
-            return Err(CodecError::Truncated {
-                offset: 0,
-                what: WHAT,
-                needed: BATCH_HEADER_LEN as u64,
-                available: input.len(),
-            });
-        };
-        if b[0] != BATCH_MAGIC {
-            return Err(CodecError::BadMagic {
-                what: WHAT,
-                offset: 0,
-                found: b[0],
-                expected: BATCH_MAGIC,
-            });
-        }
-        let stored = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
-        let computed = crc32fast::hash(&b[..16]);
-        if stored != computed {
-            return Err(CodecError::HeaderChecksum {
-                what: WHAT,
-                offset: 0,
-                stored,
-                computed,
-            });
-        }
+        let b = verified_header::<BATCH_HEADER_LEN>(input, BATCH_MAGIC, WHAT, 0)?;
         if b[1..4] != [0, 0, 0] {
             return Err(CodecError::ReservedBits {
                 what: WHAT,

@@ -79,6 +79,51 @@ impl CodecId {
     }
 }
 
+/// Writes the CRC32 of a header's other bytes into its last four: how frame and batch headers
+/// protect themselves.
+pub(crate) fn seal_header<const N: usize>(b: &mut [u8; N]) {
+    let crc = crc32fast::hash(&b[..N - 4]);
+    b[N - 4..].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The `N`-byte header at the start of `input`, once it is known to be there in full, to start
+/// with `magic` and to carry the right CRC in its last four bytes ([`seal_header`]); in that
+/// order, so no field of a damaged header is ever looked at. `what` and `offset` label errors.
+pub(crate) fn verified_header<'a, const N: usize>(
+    input: &'a [u8],
+    magic: u8,
+    what: &'static str,
+    offset: usize,
+) -> Result<&'a [u8; N], CodecError> {
+    let Some(b) = input.first_chunk::<N>() else {
+        return Err(CodecError::Truncated {
+            offset,
+            what,
+            needed: N as u64,
+            available: input.len(),
+        });
+    };
+    if b[0] != magic {
+        return Err(CodecError::BadMagic {
+            what,
+            offset,
+            found: b[0],
+            expected: magic,
+        });
+    }
+    let stored = u32::from_le_bytes([b[N - 4], b[N - 3], b[N - 2], b[N - 1]]);
+    let computed = crc32fast::hash(&b[..N - 4]);
+    if stored != computed {
+        return Err(CodecError::HeaderChecksum {
+            what,
+            offset,
+            stored,
+            computed,
+        });
+    }
+    Ok(b)
+}
+
 /// A parsed and verified frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
@@ -102,40 +147,14 @@ impl FrameHeader {
         b[8..12].copy_from_slice(&self.payload_len.to_le_bytes());
         b[12..16].copy_from_slice(&self.raw_crc.to_le_bytes());
         b[16..20].copy_from_slice(&self.payload_crc.to_le_bytes());
-        let crc = crc32fast::hash(&b[..20]);
-        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        seal_header(&mut b);
         b
     }
 
     /// Parses and verifies the header at the start of `input` (which runs to the end of the available
     /// bytes), including that its payload is present. `frame` and `offset` only label errors.
     pub fn parse(input: &[u8], frame: usize, offset: usize) -> Result<Self, CodecError> {
-        let Some(b) = input.first_chunk::<FRAME_HEADER_LEN>() else {
-            return Err(CodecError::Truncated {
-                offset,
-                what: WHAT,
-                needed: FRAME_HEADER_LEN as u64,
-                available: input.len(),
-            });
-        };
-        if b[0] != FRAME_MAGIC {
-            return Err(CodecError::BadMagic {
-                what: WHAT,
-                offset,
-                found: b[0],
-                expected: FRAME_MAGIC,
-            });
-        }
-        let stored = le32(b, 20);
-        let computed = crc32fast::hash(&b[..20]);
-        if stored != computed {
-            return Err(CodecError::HeaderChecksum {
-                what: WHAT,
-                offset,
-                stored,
-                computed,
-            });
-        }
+        let b = verified_header::<FRAME_HEADER_LEN>(input, FRAME_MAGIC, WHAT, offset)?;
         if b[2] & !FLAG_CONTINUES != 0 || b[3] != 0 {
             return Err(CodecError::ReservedBits {
                 what: WHAT,
